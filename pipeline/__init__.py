@@ -1,0 +1,33 @@
+"""Chat with language models that do not fit in the GPU: plan a GPU/CPU/disk split under memory
+budgets, load quantized with bitsandbytes, and stream replies.
+
+The app and the CLI use this API:
+    preset = resolve_model("demo")
+    budgets = make_budgets(detect_hardware(), cpu_gib=4)
+    loaded = load_model(preset, budgets)
+    for piece in stream_chat(loaded, [{"role": "user", "content": "Hello"}]): ...
+    unload(loaded)
+"""
+
+from .budgets import Budgets, Hardware, default_budgets, detect_hardware, make_budgets
+from .chat import Reply, ReplyStats, build_prompt, chat, stream_chat
+from .errors import (
+    ConfigError,
+    DoesNotFitError,
+    GenerationError,
+    LoadError,
+    ModelSourceError,
+    PipelineError,
+)
+from .loading import LoadedModel, load_model, prepare, unload
+from .params import GenerationParams
+from .planning import Plan, plan_device_map
+from .presets import Preset, list_presets, resolve_model
+from .quantization import QuantSettings
+
+__all__ = [
+    "Budgets", "ConfigError", "DoesNotFitError", "GenerationError", "GenerationParams", "Hardware", "LoadError",
+    "LoadedModel", "ModelSourceError", "PipelineError", "Plan", "Preset", "QuantSettings", "Reply", "ReplyStats",
+    "build_prompt", "chat", "default_budgets", "detect_hardware", "list_presets", "load_model", "make_budgets",
+    "plan_device_map", "prepare", "resolve_model", "stream_chat", "unload",
+]

@@ -1,0 +1,170 @@
+"""`python -m pipeline`: plan, load and chat from the command line, without the UI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+
+from .budgets import GiB, default_budgets, detect_hardware, make_budgets
+from .chat import ReplyStats, stream_chat
+from .errors import PipelineError
+from .loading import load_model, prepare, unload
+from .params import GenerationParams
+from .presets import QUANTIZATIONS, REPO_ROOT, list_presets, load_app_config, resolve_model
+from .quantization import QuantSettings
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Plan a GPU/CPU/disk split for a causal LM, load it (optionally quantized) and chat with it.",
+    )
+    parser.add_argument("--model", default=defaults.get("default_model", "demo"),
+                        help="preset name, local checkpoint folder or hub ID (default: %(default)s)")
+    parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    budgets = parser.add_argument_group("budgets (GiB)")
+    budgets.add_argument("--gpu-memory", nargs="+", metavar="GIB", default=None,
+                         help="budget per visible GPU, in order (default: 90%% of each GPU's free memory)")
+    budgets.add_argument("--cpu-memory", metavar="GIB", default=None, help="CPU RAM budget (default: 70%% of available)")
+    budgets.add_argument("--disk", action="store_true", help="allow offloading to disk")
+    budgets.add_argument("--offload-dir", default=None, help="offload folder root (default: from configs/app.yaml)")
+    budgets.add_argument("--disk-cap", metavar="GIB", default=None, help="most bytes to put on disk")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--quant", choices=QUANTIZATIONS, default=None, help="default: the preset's")
+    quant.add_argument("--int8-threshold", type=float, default=6.0)
+    quant.add_argument("--skip-modules", default=None, help="comma-separated modules kept unquantized (default: lm_head)")
+    quant.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (pickle can run code)")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--prompt", default=None, help="one message to answer; without it, an interactive chat")
+    gen.add_argument("--system", default=None, help="system prompt")
+    gen.add_argument("--max-new-tokens", default=None)
+    gen.add_argument("--temperature", default=None)
+    gen.add_argument("--top-p", default=None)
+    gen.add_argument("--top-k", default=None)
+    gen.add_argument("--repetition-penalty", default=None)
+    gen.add_argument("--seed", default=None)
+    parser.add_argument("--plan-only", action="store_true", help="print the plan and exit without loading weights")
+    parser.add_argument("--json", action="store_true", help="with --plan-only: print the plan as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = load_app_config()
+    args = build_parser(defaults).parse_args(argv)
+    _quiet(args.verbose)
+    try:
+        return _run(args, defaults)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, defaults: dict) -> int:
+    if args.list_presets:
+        for name, preset in list_presets().items():
+            print(f"{name:28} {preset.source:40} {preset.quantization:5} {preset.display_name}")
+        return 0
+    preset = resolve_model(args.model)
+    offload_dir = Path(args.offload_dir or defaults.get("offload_dir", "offload"))
+    if not offload_dir.is_absolute() and args.offload_dir is None:
+        offload_dir = REPO_ROOT / offload_dir
+    hardware = detect_hardware(offload_dir)
+    gpu = args.gpu_memory
+    if gpu is None:
+        gpu = [b / GiB for b in default_budgets(hardware, offload_dir).gpu]
+    budgets = make_budgets(hardware, gpu, args.cpu_memory, args.disk, offload_dir, args.disk_cap)
+    quant = QuantSettings(
+        mode=args.quant or preset.quantization,
+        int8_threshold=args.int8_threshold,
+        skip_modules=args.skip_modules if args.skip_modules is not None else preset.int8_skip_modules,
+    )
+    plan, quant, _ = prepare(preset, budgets, quant)
+    if args.plan_only:
+        print(plan.to_json() if args.json else _plan_text(plan))
+        return 0
+    print(_plan_text(plan), flush=True)
+    params = _params(args, preset.generation)
+
+    def progress(fraction: float, message: str) -> None:
+        print(f"\r[{fraction * 100:3.0f}%] {message[:100]:100}", end="", file=sys.stderr, flush=True)
+
+    loaded = load_model(preset, budgets, quant, progress=progress, allow_pickle=args.allow_pickle or None)
+    print(file=sys.stderr)
+    try:
+        history = [{"role": "system", "content": args.system}] if args.system else []
+        if args.prompt is not None:
+            _answer(loaded, history + [{"role": "user", "content": args.prompt}], params)
+            return 0
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                return 0
+            if line.strip() in {"exit", "quit", "/exit"}:
+                return 0
+            history.append({"role": "user", "content": line})
+            try:
+                reply = _answer(loaded, history, params)
+            except PipelineError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": reply})
+    finally:
+        unload(loaded)
+
+
+def _answer(loaded, messages, params) -> str:
+    stats = ReplyStats()
+    cancel = threading.Event()
+    parts = []
+    try:
+        for piece in stream_chat(loaded, messages, params, cancel=cancel, stats=stats):
+            parts.append(piece)
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        cancel.set()
+        print("\n[cancelled]", file=sys.stderr)
+    print()
+    print(f"[{stats.describe()} · finished: {stats.finish_reason}]", flush=True)
+    return "".join(parts)
+
+
+def _params(args: argparse.Namespace, base: GenerationParams) -> GenerationParams:
+    changes = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    return base.replace(**{k: v for k, v in changes.items() if v is not None})
+
+
+def _plan_text(plan) -> str:
+    lines = [f"plan: {plan.summary}", f"dtype: {str(plan.dtype).removeprefix('torch.')} · quantization: {plan.quantization}"]
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def _quiet(verbose: bool) -> None:
+    if verbose:
+        logging.basicConfig(level=logging.INFO)
+        return
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

@@ -1,0 +1,277 @@
+"""Loading a planned model: `from_pretrained` with the explicit device map, bitsandbytes config and an
+offload folder of its own; and unloading it so that GPU and CPU memory come back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import hashlib
+import json
+import logging
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .budgets import Budgets
+from .errors import LoadError, ModelSourceError, PipelineError
+from .planning import Plan, load_model_config, plan_device_map, resolve_dtype
+from .presets import Preset
+from .quantization import QuantSettings
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[float, str], None]  # (fraction 0..1, what is happening)
+
+DEFAULT_CONTEXT = 2048
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_progress_lock = threading.Lock()  # the weight-progress hook patches a module global
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory with everything chat needs; `unload()` gives the memory back."""
+
+    preset: Preset
+    plan: Plan
+    quant: QuantSettings
+    model: Any
+    tokenizer: Any
+    context_length: int
+    offload_dir: Path | None
+    load_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def unload(self) -> None:
+        unload(self)
+
+
+def prepare(
+    preset: Preset, budgets: Budgets, quant: QuantSettings | None = None
+) -> tuple[Plan, QuantSettings, Any]:
+    """Plan a preset under budgets without loading: (plan, quantization settings, model config)."""
+    quant = quant or QuantSettings(mode=preset.quantization, skip_modules=preset.int8_skip_modules)
+    config = load_model_config(preset)
+    dtype = resolve_dtype(preset.dtype, config, budgets.has_gpu)
+    plan = plan_device_map(
+        config,
+        budgets,
+        quant,
+        dtype,
+        model_name=preset.display_name,
+        no_split_override=preset.no_split_modules,
+        trust_remote_code=preset.trust_remote_code,
+    )
+    return plan, quant, config
+
+
+def load_model(
+    preset: Preset,
+    budgets: Budgets,
+    quant: QuantSettings | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    allow_pickle: bool | None = None,
+) -> LoadedModel:
+    """Plan, then load weights into exactly that plan. Raises PipelineError subclasses on failure,
+    after removing any partial offload files."""
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = progress or (lambda fraction, message: None)
+    started = time.perf_counter()
+    report(0.0, f"Planning {preset.display_name}")
+    plan, quant, config = prepare(preset, budgets, quant)
+    allow_pickle = preset.allow_pickle if allow_pickle is None else allow_pickle
+    source = str(preset.local_path or preset.source)
+    if preset.local_path is not None:
+        _check_local_checkpoint(preset.local_path, allow_pickle)
+    if quant.enabled:
+        _check_bitsandbytes(plan)
+
+    report(0.05, "Loading tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=preset.trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelSourceError(f"model {preset.source!r}: cannot load its tokenizer ({_first_line(exc)})") from None
+    if preset.chat_template:
+        tokenizer.chat_template = preset.chat_template
+
+    offload_dir = None
+    if "disk" in plan.device_map.values():
+        offload_dir = _offload_folder(budgets.offload_dir, preset, plan, quant)
+    try:
+        report(0.1, f"Loading weights: {plan.summary}")
+        with _weight_progress(lambda f: report(0.1 + 0.85 * f, "Loading weights")):
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                device_map=dict(plan.device_map),
+                dtype=plan.dtype,
+                quantization_config=quant.bnb_config(plan.dtype, offloaded=plan.offloaded and budgets.has_gpu),
+                offload_folder=str(offload_dir) if offload_dir else None,
+                use_safetensors=None if allow_pickle else True,
+                trust_remote_code=preset.trust_remote_code,
+            )
+        model.eval()
+    except PipelineError:
+        _remove_dir(offload_dir)
+        raise
+    except torch.OutOfMemoryError:
+        _remove_dir(offload_dir)
+        gc.collect()
+        _empty_cuda_cache()
+        raise LoadError(
+            f"out of GPU memory while loading {preset.display_name} ({plan.summary}); lower the GPU budget"
+        ) from None
+    except MemoryError:
+        _remove_dir(offload_dir)
+        gc.collect()
+        raise LoadError(f"out of CPU memory while loading {preset.display_name}; lower the CPU budget or use disk") from None
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
+        _remove_dir(offload_dir)
+        gc.collect()
+        raise LoadError(f"loading {preset.source!r} failed: {_first_line(exc)}") from exc
+    context = _context_length(preset, config, tokenizer)
+    report(1.0, f"Loaded {preset.display_name}")
+    return LoadedModel(preset, plan, quant, model, tokenizer, context, offload_dir, time.perf_counter() - started)
+
+
+def unload(loaded: LoadedModel) -> None:
+    """Free the model's GPU and CPU memory and delete its offload folder. Safe to call twice."""
+    with loaded.lock:
+        model, loaded.model = loaded.model, None
+        if model is not None:
+            try:
+                from accelerate.hooks import remove_hook_from_submodules
+
+                remove_hook_from_submodules(model)  # hooks hold references to offloaded weights
+            except Exception:
+                logger.warning("removing accelerate hooks failed", exc_info=True)
+            del model
+        gc.collect()
+        _empty_cuda_cache()
+        _trim_malloc()
+        _remove_dir(loaded.offload_dir)
+        loaded.offload_dir = None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _check_local_checkpoint(path: Path, allow_pickle: bool) -> None:
+    files = [p.name for p in path.iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES) or f.endswith(".bin.index.json")]
+    if pickles and not allow_pickle:
+        raise ModelSourceError(
+            f"model folder {str(path)!r} has only pickle checkpoints ({', '.join(sorted(pickles)[:3])}); pickle files "
+            "can run arbitrary code, so only safetensors are loaded unless you allow pickle explicitly (--allow-pickle)"
+        )
+    if not pickles:
+        raise ModelSourceError(f"model folder {str(path)!r} has no weight files (*.safetensors)")
+
+
+def _check_bitsandbytes(plan: Plan) -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise LoadError(f"quantization {plan.quantization!r} needs bitsandbytes, which failed to import: {exc}") from None
+
+
+def _offload_folder(root: Path, preset: Preset, plan: Plan, quant: QuantSettings) -> Path:
+    """A folder per (model, settings) under the offload root; created here, removed by unload()."""
+    key = json.dumps(
+        {"source": preset.source, "quant": quant.fingerprint(), "dtype": str(plan.dtype), "map": plan.device_map},
+        sort_keys=True,
+        default=str,
+    )
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in preset.display_name)[:48].strip("-.") or "model"
+    folder = Path(root).expanduser().resolve() / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise LoadError(f"offload folder {str(root)!r} is not writable ({exc.strerror or exc}); choose another folder") from None
+    return folder
+
+
+def _remove_dir(path: Path | None) -> None:
+    if path is not None and path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _context_length(preset: Preset, config: Any, tokenizer: Any) -> int:
+    if preset.context_length:
+        return preset.context_length
+    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**7:
+        return value
+    return DEFAULT_CONTEXT
+
+
+def _empty_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _trim_malloc() -> None:
+    """Hand freed heap pages back to the OS so RSS drops after unload (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _weight_progress(callback: Callable[[float], None]) -> Iterator[None]:
+    """Report weight-loading progress by wrapping the tqdm transformers iterates with.
+
+    transformers offers no progress callback for loading; if its internals move, loading still
+    works and only the fine-grained progress is lost.
+    """
+    try:
+        from transformers import core_model_loading
+    except ImportError:
+        yield
+        return
+    original = getattr(core_model_loading, "tqdm", None)
+    if original is None:
+        yield
+        return
+
+    def tracking(iterable: Any = None, *args: Any, **kwargs: Any) -> Any:
+        items = list(iterable) if iterable is not None else []
+        total = max(1, len(items))
+
+        def generate() -> Iterator[Any]:
+            for index, item in enumerate(items):
+                yield item
+                callback((index + 1) / total)
+
+        return generate()
+
+    with _progress_lock:
+        core_model_loading.tqdm = tracking
+        try:
+            yield
+        finally:
+            core_model_loading.tqdm = original

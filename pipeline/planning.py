@@ -1,0 +1,471 @@
+"""Device-map planning: which tier (GPU i, CPU, disk) holds each block, decided before any weight is read.
+
+Pure: takes a model config, budgets and quantization settings; builds the model on the meta
+device, ties its weights, and asks accelerate's `infer_auto_device_map` for an explicit dict map.
+No CUDA calls, no weights read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .budgets import Budgets, GiB
+from .errors import ConfigError, DoesNotFitError, ModelSourceError
+from .presets import Preset
+from .quantization import QuantSettings, special_dtypes
+
+logger = logging.getLogger(__name__)
+
+Device = int | str  # accelerate's words: GPU index, "cpu", "disk"
+
+
+@dataclass(frozen=True)
+class Block:
+    """One bar segment of the plan picture: a layer or another top-level part, in execution order."""
+
+    name: str  # "embeddings", "layer 3", "norm", "lm_head", ...
+    device: Device
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where each module goes and what it costs; the loader follows it exactly."""
+
+    model: str
+    device_map: dict[str, Device]
+    bytes_per_device: dict[Device, int]
+    blocks: tuple[Block, ...]
+    layers_per_device: dict[Device, tuple[int, ...]]
+    dtype: torch.dtype
+    quantization: str
+    no_split_modules: tuple[str, ...]
+    summary: str
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def offloaded(self) -> bool:
+        """True when some modules live on cpu/disk while a GPU computes (or on disk without a GPU)."""
+        devices = set(self.device_map.values())
+        if any(isinstance(d, int) for d in devices):
+            return bool(devices & {"cpu", "disk"})
+        return "disk" in devices
+
+    @property
+    def compute_device(self) -> str:
+        gpus = sorted(d for d in self.device_map.values() if isinstance(d, int))
+        return f"cuda:{gpus[0]}" if gpus else "cpu"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_per_device.values())
+
+    def share(self) -> dict[str, float]:
+        """Fraction of the model's bytes on each tier, e.g. {"GPU": 0.31, "CPU": 0.52, "disk": 0.17}."""
+        total = self.total_bytes or 1
+        tiers: dict[str, float] = {}
+        for device, size in self.bytes_per_device.items():
+            tier = "GPU" if isinstance(device, int) else device_label(device)
+            tiers[tier] = tiers.get(tier, 0.0) + size / total
+        return tiers
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "quantization": self.quantization,
+            "summary": self.summary,
+            "device_map": {k: v for k, v in self.device_map.items()},
+            "bytes_per_device": {str(k): v for k, v in self.bytes_per_device.items()},
+            "layers_per_device": {str(k): list(v) for k, v in self.layers_per_device.items()},
+            "blocks": [{"name": b.name, "device": b.device, "bytes": b.bytes} for b in self.blocks],
+            "no_split_modules": list(self.no_split_modules),
+            "notes": list(self.notes),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def device_label(device: Device) -> str:
+    return f"GPU{device}" if isinstance(device, int) else {"cpu": "CPU", "disk": "disk"}.get(device, str(device))
+
+
+def format_bytes(size: int) -> str:
+    if size >= GiB:
+        return f"{size / GiB:.1f} GiB"
+    if size >= 1024**2:
+        return f"{size / 1024**2:.1f} MiB"
+    return f"{size / 1024:.1f} KiB"
+
+
+def load_model_config(preset: Preset) -> Any:
+    """Read config.json (and nothing else) for a preset, local or on the hub."""
+    from transformers import AutoConfig
+
+    source = preset.local_path or preset.source
+    try:
+        return AutoConfig.from_pretrained(str(source), trust_remote_code=preset.trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelSourceError(
+                f"model {preset.source!r} needs custom code from its repository; it runs only when a preset opts in "
+                "with 'trust_remote_code: true'"
+            ) from None
+        raise ModelSourceError(f"model {preset.source!r}: unsupported config: {exc}") from None
+    except OSError as exc:
+        raise ModelSourceError(f"model {preset.source!r}: cannot read its config.json ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def resolve_dtype(preset_dtype: str, config: Any, on_gpu: bool) -> torch.dtype:
+    """The load dtype: explicit in the preset, else 16-bit on a GPU and the checkpoint's 16-bit type or fp32 on CPU."""
+    if preset_dtype != "auto":
+        return getattr(torch, preset_dtype)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if on_gpu:
+        return stored if stored in (torch.float16, torch.bfloat16) else torch.float16
+    # CPUs have no fast fp16 kernels; bf16 keeps a 16-bit checkpoint at its size.
+    return torch.bfloat16 if stored in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def empty_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """The model on the meta device with its weights tied: shapes and names, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise ModelSourceError(
+            f"model type {getattr(config, 'model_type', '?')!r} is not a causal language model transformers can "
+            f"build ({_first_line(exc)})"
+        ) from None
+    # Without this a tied lm_head may land on another tier than the embeddings (KeyError at generate).
+    model.tie_weights()
+    return model
+
+
+def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The decoder's repeated blocks: the largest ModuleList in the model."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best
+
+
+def no_split_classes(model: nn.Module, override: tuple[str, ...] | None) -> tuple[tuple[str, ...], str | None]:
+    """Classes accelerate must not split across devices, and a note when a fallback was used."""
+    if override:
+        return tuple(override), None
+    declared = getattr(model, "_no_split_modules", None)
+    if declared:
+        return tuple(sorted(declared)), None
+    layers = layer_list(model)
+    if layers is None:
+        return (), "the model declares no _no_split_modules and has no layer list: modules may be split anywhere"
+    fallback = tuple(sorted({type(m).__name__ for m in layers[1]}))
+    return fallback, f"the model declares no _no_split_modules; using its layer class {', '.join(fallback)} instead"
+
+
+def plan_device_map(
+    config: Any,
+    budgets: Budgets,
+    quant: QuantSettings = QuantSettings(),
+    dtype: torch.dtype = torch.float32,
+    *,
+    model_name: str = "",
+    no_split_override: tuple[str, ...] | None = None,
+    trust_remote_code: bool = False,
+) -> Plan:
+    """Plan where every module of the model goes under the budgets.
+
+    Raises DoesNotFitError when the model does not fit, even with disk.
+    """
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes, find_tied_parameters
+
+    if not isinstance(budgets, Budgets):
+        raise ConfigError(f"budgets={budgets!r} must be a Budgets (see pipeline.budgets.make_budgets)")
+    model = empty_model(config, trust_remote_code)
+    no_split, note = no_split_classes(model, no_split_override)
+    notes = [note] if note else []
+    full = compute_module_sizes(model, dtype=dtype)
+    special = special_dtypes(model, quant)
+    priced = compute_module_sizes(model, dtype=dtype, special_dtypes=special) if special else full
+    tied = find_tied_parameters(model)
+
+    def infer(max_memory: dict[Device, int], special_: dict | None) -> dict[str, Device]:
+        with _quiet_missing_gpus():
+            device_map = infer_auto_device_map(
+                model,
+                max_memory=max_memory,
+                no_split_module_classes=list(no_split),
+                dtype=dtype,
+                special_dtypes=special_,
+                clean_result=False,
+            )
+        return _normalize(model, dict(device_map))
+
+    gpu_memory = {i: b for i, b in enumerate(budgets.gpu) if b > 0}
+    if not quant.enabled:
+        device_map = infer(budgets.max_memory(), None)
+        sizes = {k: full[k] for k in device_map}
+    elif gpu_memory:
+        # GPU modules are quantized; offloaded ones stay 16/32-bit, priced at full size.
+        device_map = infer(gpu_memory, special)
+        if any(not isinstance(d, int) for d in device_map.values()):
+            # accelerate's hooks bring an offloaded block to the GPU unquantized: reserve its full size.
+            extra = _max_block(model, full) - _max_block(model, priced)
+            reduced = {i: max(0, b - extra) for i, b in gpu_memory.items()}
+            device_map = infer(reduced, special)
+        device_map = _refill_offloaded(device_map, full, budgets.cpu - _max_block(model, full), tied)
+        sizes = {k: (priced[k] if isinstance(d, int) else full[k]) for k, d in device_map.items()}
+        if set(device_map.values()) & {"cpu", "disk"}:
+            notes.append("modules offloaded to CPU/disk stay unquantized (bitsandbytes quantizes only GPU modules)")
+    else:
+        device_map = infer({"cpu": budgets.cpu}, special)
+        sizes = {k: priced[k] for k in device_map}
+        if "disk" in device_map.values():
+            raise DoesNotFitError(
+                f"{model_name or 'the model'} needs {format_bytes(sum(sizes.values()))} quantized ({quant.mode}) plus "
+                f"room for one block, but the CPU budget is {format_bytes(budgets.cpu)}; without a GPU, quantized "
+                "weights cannot be offloaded to disk. Raise the CPU budget, or choose quantization 'none' to use the "
+                "disk tier."
+            )
+
+    bytes_per_device: dict[Device, int] = {}
+    for key, device in device_map.items():
+        bytes_per_device[device] = bytes_per_device.get(device, 0) + sizes[key]
+    _check_fits(bytes_per_device, budgets, model_name)
+    _check_tied(device_map, tied)
+
+    blocks, layers = _blocks(model, device_map, sizes)
+    order = [d for d in gpu_memory] + ["cpu", "disk"]
+    bytes_per_device = {d: bytes_per_device[d] for d in order if d in bytes_per_device}
+    layers = {d: layers[d] for d in order if d in layers}
+    return Plan(
+        model=model_name,
+        device_map=device_map,
+        bytes_per_device=bytes_per_device,
+        blocks=tuple(blocks),
+        layers_per_device=layers,
+        dtype=dtype,
+        quantization=quant.mode,
+        no_split_modules=no_split,
+        summary=_summary(blocks, bytes_per_device, order),
+        notes=tuple(notes),
+    )
+
+
+@contextlib.contextmanager
+def _quiet_missing_gpus() -> Iterator[None]:
+    """Planning for GPUs this machine lacks is allowed (what-if plans, tests); accelerate warns on each call."""
+    accel_logger = logging.getLogger("accelerate.utils.modeling")
+    level = accel_logger.level
+    accel_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        accel_logger.setLevel(level)
+
+
+def _max_block(model: nn.Module, sizes: dict[str, int]) -> int:
+    layers = layer_list(model)
+    if layers is None:
+        return 0
+    prefix = layers[0]
+    return max(sizes[f"{prefix}.{i}"] for i in range(len(layers[1])))
+
+
+def _owner(param: str, keys: list[str]) -> str | None:
+    for key in keys:
+        if param == key or param.startswith(key + "."):
+            return key
+    return None
+
+
+def _refill_offloaded(
+    device_map: dict[str, Device], full: dict[str, int], cpu_capacity: int, tied: list[list[str]]
+) -> dict[str, Device]:
+    """Re-place the modules accelerate did not put on a GPU: CPU first, then disk, at their full size.
+
+    Keeps the execution order (CPU blocks before disk blocks) and puts a module sharing a tied
+    parameter with an already placed one on that module's device.
+    """
+    keys = list(device_map)
+    placed: dict[str, Device] = {}
+    used = 0
+    cpu_full = False
+    for key, device in device_map.items():
+        if isinstance(device, int):
+            placed[key] = device
+            continue
+        tied_device = None
+        for group in tied:
+            if any(p == key or p.startswith(key + ".") for p in group):
+                for p in group:
+                    owner = _owner(p, keys)
+                    if owner in placed and owner != key:
+                        tied_device = placed[owner]
+        if tied_device is not None:
+            placed[key] = tied_device
+            continue
+        if not cpu_full and used + full[key] <= cpu_capacity:
+            placed[key] = "cpu"
+            used += full[key]
+        else:
+            cpu_full = True
+            placed[key] = "disk"
+    return placed
+
+
+def _is_top(key: str, device_map: dict[str, Device]) -> bool:
+    return not any(key.startswith(other + ".") for other in device_map if other != key)
+
+
+def _normalize(model: nn.Module, device_map: dict[str, Device]) -> dict[str, Device]:
+    """One entry per layer at least: expand entries that contain the layer list, drop covered children.
+
+    accelerate maps a whole subtree to one device when it fits ("" or "model.layers"); the plan
+    picture and the offload engine need each layer's device, so such entries are split into
+    their children, in module order, down to the individual layers.
+    """
+    device_map = {k: d for k, d in device_map.items() if _is_top(k, device_map)}
+    layers = layer_list(model)
+    if layers is None:
+        return device_map
+    target = layers[0]
+    modules = dict(model.named_modules())
+    out: dict[str, Device] = {}
+    for key, device in device_map.items():
+        stack = [key]
+        while stack:
+            name = stack.pop(0)
+            contains_layers = name == "" or target == name or target.startswith(name + ".")
+            if not contains_layers:
+                out[name] = device
+                continue
+            module = modules[name]
+            prefix = f"{name}." if name else ""
+            children = [f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False)]
+            children += [f"{prefix}{n}" for n, _ in module.named_children()]
+            children += [f"{prefix}{n}" for n, _ in module.named_buffers(recurse=False)]
+            stack = children + stack
+    return out
+
+
+def _check_fits(bytes_per_device: dict[Device, int], budgets: Budgets, model_name: str) -> None:
+    on_disk = bytes_per_device.get("disk", 0)
+    if on_disk == 0:
+        return
+    total = sum(bytes_per_device.values())
+    memory = total - on_disk
+    name = model_name or "the model"
+    if not budgets.disk:
+        raise DoesNotFitError(
+            f"{name} does not fit: it needs {format_bytes(total)} but the GPU and CPU budgets hold only "
+            f"{format_bytes(memory)} of it (one block's worth is kept free for offloaded layers); "
+            f"{format_bytes(on_disk)} would have to go to disk, which is off. Turn disk offload on or raise the budgets."
+        )
+    if budgets.disk_cap is not None and on_disk > budgets.disk_cap:
+        raise DoesNotFitError(
+            f"{name} does not fit even with disk: {format_bytes(on_disk)} would go to disk but the disk cap is "
+            f"{format_bytes(budgets.disk_cap)}. Raise the disk cap or the GPU/CPU budgets."
+        )
+
+
+def _check_tied(device_map: dict[str, Device], tied: list[list[str]]) -> None:
+    keys = list(device_map)
+    for group in tied:
+        devices = {device_map[o] for p in group if (o := _owner(p, keys)) is not None}
+        assert len(devices) <= 1, f"tied parameters {group} split over {devices}"
+
+
+_EMBED = re.compile(r"(embed|wte|wpe|word_embeddings|embed_in)", re.I)
+
+
+def _blocks(
+    model: nn.Module, device_map: dict[str, Device], sizes: dict[str, int]
+) -> tuple[list[Block], dict[Device, list[int]]]:
+    """Group map entries into displayable blocks: each layer, then the named parts around them."""
+    layers = layer_list(model)
+    prefix = layers[0] + "." if layers else None
+    blocks: list[Block] = []
+    layer_devices: dict[Device, list[int]] = {}
+    by_name: dict[str, int] = {}
+    for key, device in device_map.items():
+        if prefix and key.startswith(prefix):
+            index = int(key[len(prefix):].split(".")[0])
+            name = f"layer {index}"
+            if index not in layer_devices.get(device, []):
+                layer_devices.setdefault(device, []).append(index)
+        elif prefix and prefix.startswith(key + "."):
+            continue  # the whole layer list on one device is expanded by clean_result=False already
+        else:
+            leaf = key.split(".")[-1]
+            name = "embeddings" if _EMBED.search(leaf) else leaf
+        if name in by_name and blocks[by_name[name]].device == device:
+            old = blocks[by_name[name]]
+            blocks[by_name[name]] = Block(name, device, old.bytes + sizes[key])
+        else:
+            by_name[name] = len(blocks)
+            blocks.append(Block(name, device, sizes[key]))
+    return blocks, {d: tuple(sorted(v)) for d, v in layer_devices.items()}
+
+
+def format_ranges(indices: list[int] | tuple[int, ...]) -> str:
+    """[0, 1, 2, 5] -> "0–2, 5"."""
+    parts: list[str] = []
+    start = prev = None
+    for i in sorted(indices):
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}–{prev}" if prev != start else f"{start}")
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}–{prev}" if prev != start else f"{start}")
+    return ", ".join(parts)
+
+
+def _summary(blocks: list[Block], bytes_per_device: dict[Device, int], order: list[Device]) -> str:
+    parts = []
+    for device in order:
+        if device not in bytes_per_device:
+            continue
+        names = []
+        layer_ids = [int(b.name.split()[1]) for b in blocks if b.device == device and b.name.startswith("layer ")]
+        seen = set()
+        for b in blocks:
+            if b.device != device:
+                continue
+            if b.name.startswith("layer "):
+                if "layers" not in seen:
+                    seen.add("layers")
+                    label = "layer" if len(layer_ids) == 1 else "layers"
+                    names.append(f"{label} {format_ranges(layer_ids)}")
+            elif b.name not in seen:
+                seen.add(b.name)
+                names.append(b.name)
+        parts.append(f"{device_label(device)}: {' + '.join(names)} ({format_bytes(bytes_per_device[device])})")
+    return " · ".join(parts)
