@@ -138,10 +138,10 @@ def load_model(
         _remove_dir(offload_dir)
         gc.collect()
         raise LoadError(f"out of CPU memory while loading {preset.display_name}; lower the CPU budget or use disk") from None
-    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
+    except Exception as exc:  # corrupt shards, missing keys, library errors: all end as one clear LoadError
         _remove_dir(offload_dir)
         gc.collect()
-        raise LoadError(f"loading {preset.source!r} failed: {_first_line(exc)}") from exc
+        raise LoadError(f"loading {preset.source!r} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     context = _context_length(preset, config, tokenizer)
     report(1.0, f"Loaded {preset.display_name}")
     return LoadedModel(preset, plan, quant, model, tokenizer, context, offload_dir, time.perf_counter() - started)

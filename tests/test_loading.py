@@ -1,0 +1,166 @@
+"""Loading on CPU: splits over cpu+disk, bitsandbytes 8/4-bit, unload, and bad checkpoints."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import save_checkpoint, tiny_llama_config
+from pipeline.budgets import GiB, Budgets
+from pipeline.errors import LoadError, ModelSourceError
+from pipeline.loading import load_model, unload
+from pipeline.presets import resolve_model
+from pipeline.quantization import QuantSettings
+
+PROMPT = "In the beginning God created"
+
+
+def greedy_tokens(loaded, n: int = 12) -> list[int]:
+    tok = loaded.tokenizer
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    with torch.inference_mode():
+        out = loaded.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                    pad_token_id=tok.pad_token_id or 0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def cpu_budgets(tmp_path: Path, cpu: int, disk: bool = True) -> Budgets:
+    return Budgets(gpu=(), cpu=cpu, disk=disk, offload_dir=tmp_path / "offload")
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "demo_dir"])
+def test_cpu_disk_split_matches_all_cpu(model: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    preset = resolve_model(str(request.getfixturevalue(model)))
+    whole = load_model(preset, cpu_budgets(tmp_path, 8 * GiB, disk=False))
+    assert set(whole.plan.device_map.values()) == {"cpu"}
+    expected = greedy_tokens(whole)
+    part = whole.plan.total_bytes * 3 // 4  # minus the one-layer reserve: some layers stay, the rest to disk
+    unload(whole)
+    split = load_model(preset, cpu_budgets(tmp_path, part))
+    assert "disk" in split.plan.layers_per_device and "cpu" in split.plan.layers_per_device
+    assert split.offload_dir is not None and split.offload_dir.is_dir()
+    assert greedy_tokens(split) == expected
+    folder = split.offload_dir
+    unload(split)
+    assert not folder.exists()  # the per-model offload folder goes with the model
+
+
+def test_everything_on_disk_still_generates(tiny_llama: Path, tmp_path: Path) -> None:
+    preset = resolve_model(str(tiny_llama))
+    whole = load_model(preset, cpu_budgets(tmp_path, GiB, disk=False))
+    expected = greedy_tokens(whole)
+    unload(whole)
+    disk = load_model(preset, cpu_budgets(tmp_path, 1000))  # ~nothing in RAM: every layer on disk
+    assert set(disk.plan.layers_per_device) == {"disk"}
+    assert greedy_tokens(disk) == expected
+    unload(disk)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp4"])
+def test_bitsandbytes_on_cpu_quantizes_and_generates(mode: str, tiny_llama: Path, tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+
+    loaded = load_model(resolve_model(str(tiny_llama)), cpu_budgets(tmp_path, GiB, disk=False), QuantSettings(mode))
+    linear = loaded.model.model.layers[0].mlp.down_proj
+    expected = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
+    assert isinstance(linear, expected)
+    assert not isinstance(loaded.model.lm_head, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))  # skipped: lm_head
+    tokens = greedy_tokens(loaded, 6)
+    assert len(tokens) == 6 and all(0 <= t < len(loaded.tokenizer) for t in tokens)
+    unload(loaded)
+
+
+def test_bf16_load_on_cpu(tiny_llama: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    preset = replace(resolve_model(str(tiny_llama)), dtype="bfloat16")
+    loaded = load_model(preset, cpu_budgets(tmp_path, GiB, disk=False))
+    assert loaded.model.dtype == torch.bfloat16
+    assert len(greedy_tokens(loaded, 4)) == 4
+    unload(loaded)
+
+
+def _rss() -> int:
+    gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+def test_unload_returns_cpu_memory(tmp_path: Path, tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # ~200 MB of float32 weights, so that a leak is far above allocator noise.
+    config = tiny_llama_config(len(tok), layers=6, hidden=1024)
+    path = save_checkpoint(config, tmp_path / "big", tok)
+    preset = resolve_model(str(path))
+    budgets = cpu_budgets(tmp_path, 4 * GiB, disk=False)
+    unload(load_model(preset, budgets))  # warm-up: imports, allocator arenas, kernels
+    baseline = _rss()
+    loaded = load_model(preset, budgets)
+    greedy_tokens(loaded, 2)
+    size = loaded.plan.total_bytes
+    assert size > 150 * 1024**2
+    assert _rss() - baseline > 0.5 * size  # the weights really were in RAM
+    unload(loaded)
+    assert loaded.model is None
+    assert _rss() - baseline < 0.1 * size, "RSS did not return near the baseline after unload"
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pickle"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(ModelSourceError, match=r"only pickle checkpoints .* \(--allow-pickle\)"):
+        load_model(resolve_model(str(folder)), cpu_budgets(tmp_path, GiB))
+
+
+def test_folder_without_weights(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "noweights"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelSourceError, match="no weight files"):
+        load_model(resolve_model(str(folder)), cpu_budgets(tmp_path, GiB))
+
+
+def test_missing_tokenizer(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "notok"
+    shutil.copytree(tiny_llama, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ModelSourceError, match="cannot load its tokenizer"):
+        load_model(resolve_model(str(folder)), cpu_budgets(tmp_path, GiB))
+
+
+def test_truncated_safetensors_is_a_load_error_and_cleans_up(tiny_llama: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_llama, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    budgets = cpu_budgets(tmp_path, 1000)
+    with pytest.raises(LoadError, match="loading .* failed"):
+        load_model(resolve_model(str(folder)), budgets)
+    assert list((tmp_path / "offload").glob("*")) == []  # no partial offload folder left behind
+
+
+def test_unwritable_offload_folder(tiny_llama: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("x")
+    budgets = Budgets(gpu=(), cpu=1000, disk=True, offload_dir=blocker / "sub")
+    with pytest.raises(LoadError, match="is not writable"):
+        load_model(resolve_model(str(tiny_llama)), budgets)
+
+
+def test_progress_is_reported_in_order(tiny_llama: Path, tmp_path: Path) -> None:
+    seen: list[tuple[float, str]] = []
+    loaded = load_model(resolve_model(str(tiny_llama)), cpu_budgets(tmp_path, GiB),
+                        progress=lambda f, m: seen.append((f, m)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert any(m == "Loading weights" for _, m in seen)  # per-tensor progress, not just start/end
+    unload(loaded)
