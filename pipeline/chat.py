@@ -133,9 +133,11 @@ def build_prompt(tokenizer: Any, messages: Sequence[Message], context_length: in
 
 
 class _CountingStreamer:
-    """TextIteratorStreamer that also counts new tokens and stamps the first one."""
+    """TextIteratorStreamer that emits every token's text (not word by word), counts new tokens and
+    stamps the first one. Text ending in U+FFFD (a multi-byte character split across tokens) waits
+    for the next token."""
 
-    def __new__(cls, tokenizer: Any, timeout: float) -> Any:
+    def __new__(cls, tokenizer: Any, timeout: float | None) -> Any:
         from transformers import TextIteratorStreamer
 
         class Counting(TextIteratorStreamer):
@@ -145,11 +147,25 @@ class _CountingStreamer:
                 self.first_token_at: float | None = None
 
             def put(self, value: torch.Tensor) -> None:
-                if not self.next_tokens_are_prompt:
-                    self.new_tokens += int(value.numel())
-                    if self.first_token_at is None:
-                        self.first_token_at = time.perf_counter()
-                super().put(value)
+                if value.dim() > 1:
+                    value = value[0]  # [batch=1, seq] -> [seq]
+                if self.next_tokens_are_prompt:
+                    self.next_tokens_are_prompt = False
+                    return
+                self.new_tokens += int(value.numel())
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                self.token_cache.extend(value.tolist())
+                text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+                if text.endswith("\ufffd"):
+                    return
+                printable = text[self.print_len :]
+                if text.endswith("\n"):  # start a fresh cache: decoding stays O(line), not O(reply)
+                    self.token_cache, self.print_len = [], 0
+                else:
+                    self.print_len = len(text)
+                if printable:
+                    self.on_finalized_text(printable)
 
         return Counting()
 
