@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set everything up in .venv (offline-safe: nothing here downloads model weights).
+#   bash setup.sh            # create .venv and install
+# Then: .venv/bin/python -m pipeline --prompt "And God said"
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+"$PYTHON" - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"Python >= 3.11 is needed, this is {sys.version.split()[0]}")
+PY
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# torch first, pinned: an unpinned torch would pull the multi-GB CUDA build where none is wanted.
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+echo "Ready. Chat from the command line:  .venv/bin/python -m pipeline --prompt \"And God said\""

@@ -1,0 +1,69 @@
+"""`python -m pipeline` as a user runs it: a subprocess, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import save_checkpoint, tiny_llama_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def test_plan_only_json_puts_layers_on_disk(tokenizer_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # hidden 128: each layer is 590 KiB in float32, so a 1 MiB CPU budget holds the embeddings only.
+    checkpoint = save_checkpoint(tiny_llama_config(len(tok), hidden=128), tmp_path / "ckpt", tok)
+    offload = tmp_path / "offload"
+    result = run("--model", str(checkpoint), "--cpu-memory", "0.001", "--disk", "--offload-dir", str(offload),
+                 "--plan-only", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["layers_per_device"]["disk"] == [0, 1, 2, 3]
+    assert plan["device_map"]["model.layers.0"] == "disk"
+    assert set(plan["bytes_per_device"]) == {"cpu", "disk"}
+    assert not offload.exists()  # planning loads and writes nothing
+
+
+def test_prompt_streams_a_reply_from_the_demo_model(demo_dir: Path) -> None:
+    result = run("--prompt", "And God said", "--max-new-tokens", "24", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("plan: CPU: embeddings")
+    assert lines[-1].startswith("[") and "tokens/s" in lines[-1] and "first token" in lines[-1]
+    reply = "\n".join(lines[2:-1])
+    assert len(reply.split()) >= 5, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "no-such-preset", "--plan-only"], "error: model='no-such-preset' is not a preset"),
+        (["--cpu-memory", "-3", "--plan-only"], "error: cpu_memory='-3' is negative"),
+        (["--cpu-memory", "nan", "--plan-only"], "error: cpu_memory='nan' is not a finite number"),
+        (["--cpu-memory", "999999", "--plan-only"], "is more than this machine has"),
+        (["--gpu-memory", "4", "--plan-only"], "this machine has no CUDA GPU"),
+        (["--model", "/no/such/folder", "--plan-only"], "error: model path '/no/such/folder' does not exist"),
+        (["--cpu-memory", "0.0001", "--plan-only"], "which is off. Turn disk offload on"),
+        (["--temperature", "-1", "--prompt", "hi"], "error: temperature='-1' is out of range"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(args: list[str], message: str) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
