@@ -234,59 +234,63 @@ def stream_chat(
     else:  # the checkpoint's sampling defaults would otherwise trigger warnings with do_sample=False
         kwargs.update(temperature=None, top_p=None, top_k=None)
     failure: list[BaseException] = []
-    output: list[torch.Tensor] = []
 
     def run() -> None:
         try:
-            if params.seed is not None:
-                from transformers import set_seed
+            # The thread, not the consumer, holds the lock: replies queue up one at a time, and
+            # unload() waits only for a generation that a cancel ends within one token.
+            with loaded.lock, torch.inference_mode():
+                if loaded.model is None:
+                    raise GenerationError("the model was unloaded before this reply started")
+                if params.seed is not None:
+                    from transformers import set_seed
 
-                set_seed(params.seed)
-            with torch.inference_mode():
-                output.append(loaded.model.generate(**kwargs))
+                    set_seed(params.seed)
+                loaded.model.generate(**kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, who re-raises it
             failure.append(exc)
             streamer.end()
 
-    with loaded.lock:
-        thread = threading.Thread(target=run, name="generate", daemon=True)
-        thread.start()
-        text, sent = "", 0
-        finished = False
-        try:
-            while not finished:
-                try:
-                    chunk = streamer.text_queue.get(timeout=_POLL_SECONDS)
-                except queue.Empty:
-                    finished = not thread.is_alive() and streamer.text_queue.empty()
-                    continue
-                if chunk is streamer.stop_signal:
-                    finished, chunk = True, ""
-                text += chunk
-                hit = min((i for s in stops if (i := text.find(s, max(0, sent - len(s)))) >= 0), default=-1)
-                if hit >= 0:
-                    text = text[:hit]
-                    stop_now.set()
-                    stats.finish_reason = "stop"
-                    finished = True
-                end = len(text) if finished else len(text) - _holdback(text, stops)
-                if end > sent:
-                    stats.time_to_first_token = stats.time_to_first_token or time.perf_counter() - started
-                    piece, sent = text[sent:end], end
-                    yield piece
-        finally:
-            stop_now.set()
-            thread.join(timeout=600)
-            if thread.is_alive():
-                logger.error("generation thread did not stop within 600 s")
-            stats.new_tokens = streamer.new_tokens
-            stats.seconds = time.perf_counter() - started
-            if streamer.first_token_at is not None and stats.time_to_first_token is None:
-                stats.time_to_first_token = streamer.first_token_at - started
-            if not stats.finish_reason:
-                stats.finish_reason = _finish_reason(cancel, stats, params)
+    thread = threading.Thread(target=run, name="generate", daemon=True)
+    thread.start()
+    text, sent = "", 0
+    finished = False
+    try:
+        while not finished:
+            try:
+                chunk = streamer.text_queue.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                finished = not thread.is_alive() and streamer.text_queue.empty()
+                continue
+            if chunk is streamer.stop_signal:
+                finished, chunk = True, ""
+            text += chunk
+            hit = min((i for s in stops if (i := text.find(s, max(0, sent - len(s)))) >= 0), default=-1)
+            if hit >= 0:
+                text = text[:hit]
+                stop_now.set()
+                stats.finish_reason = "stop"
+                finished = True
+            end = len(text) if finished else len(text) - _holdback(text, stops)
+            if end > sent:
+                stats.time_to_first_token = stats.time_to_first_token or time.perf_counter() - started
+                piece, sent = text[sent:end], end
+                yield piece
+    finally:
+        stop_now.set()
+        thread.join(timeout=600)
+        if thread.is_alive():
+            logger.error("generation thread did not stop within 600 s")
+        stats.new_tokens = streamer.new_tokens
+        stats.seconds = time.perf_counter() - started
+        if streamer.first_token_at is not None and stats.time_to_first_token is None:
+            stats.time_to_first_token = streamer.first_token_at - started
+        if not stats.finish_reason:
+            stats.finish_reason = _finish_reason(cancel, stats, params)
     if failure:
         exc = failure[0]
+        if isinstance(exc, GenerationError):
+            raise exc
         if isinstance(exc, torch.OutOfMemoryError):
             raise GenerationError("out of GPU memory during generation; lower the GPU budget or max_new_tokens") from exc
         raise GenerationError(f"generation failed: {type(exc).__name__}: {exc}") from exc

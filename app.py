@@ -1,0 +1,359 @@
+"""Gradio app: pick a model, set memory budgets, see where every layer will land, and chat.
+
+Thin by design: the UI and its wiring. Planning, loading and streaming live in `pipeline/`.
+Run: python app.py [--model demo] [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from pipeline.budgets import GiB, default_budgets, detect_hardware
+from pipeline.chat import ReplyStats
+from pipeline.errors import PipelineError
+from pipeline.params import GenerationParams
+from pipeline.presets import REPO_ROOT, list_presets, load_app_config
+from pipeline.preview import error_html, plan_html
+from pipeline.quantization import QuantSettings
+from pipeline.session import ModelManager, Settings
+
+logger = logging.getLogger("app")
+
+APP_CONFIG = load_app_config()
+OFFLOAD_ROOT = str(REPO_ROOT / APP_CONFIG.get("offload_dir", "offload"))
+HARDWARE = detect_hardware(OFFLOAD_ROOT)
+DEFAULTS = default_budgets(HARDWARE, OFFLOAD_ROOT)
+PRESETS = list_presets()
+QUANT_LABELS = {"none": "none", "8-bit": "int8", "4-bit": "4bit"}
+CONCURRENCY = 4  # browser events processed at once; generation itself runs one reply at a time
+
+manager = ModelManager(HARDWARE)
+_cancels: dict[str, threading.Event] = {}  # per browser session: the Stop button's event
+_cancels_lock = threading.Lock()
+
+
+def _session_cancel(request: gr.Request | None) -> threading.Event:
+    key = getattr(request, "session_hash", None) or "default"
+    with _cancels_lock:
+        return _cancels.setdefault(key, threading.Event())
+
+
+def _quant_label(mode: str) -> str:
+    return {"int8": "8-bit", "nf4": "4-bit", "fp4": "4-bit"}.get(mode, "none")
+
+
+def make_settings(
+    preset: str, custom: str, quant: str, threshold: float, skip: str, four_bit: str, compute: str,
+    double_quant: bool, disk: bool, offload_dir: str, cpu_gib: float, *gpu_gib: float,
+) -> Settings:
+    """UI values -> Settings. Validation happens in the pipeline, which names any bad value."""
+    mode = QUANT_LABELS.get(quant, quant)
+    if mode == "4bit":
+        mode = four_bit
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        raise PipelineError(f"8-bit threshold={threshold!r} is not a number") from None
+    folder = Path((offload_dir or "").strip() or OFFLOAD_ROOT).expanduser()
+    if not folder.is_absolute():
+        folder = REPO_ROOT / folder
+    return Settings(
+        model=(custom or "").strip() or preset,
+        gpu_gib=tuple(gpu_gib),
+        cpu_gib=cpu_gib,
+        disk=bool(disk),
+        offload_dir=str(folder),
+        quant=QuantSettings(mode=mode, int8_threshold=threshold, skip_modules=skip or "", compute_dtype=compute,
+                            double_quant=bool(double_quant)),
+    )
+
+
+def preview(*values: Any) -> str:
+    """Re-plan without loading; always returns HTML (errors are shown in the picture, not raised)."""
+    try:
+        settings = make_settings(*values)
+        plan = manager.plan(settings)
+        return plan_html(plan, manager.resolve(settings).budgets.describe())
+    except PipelineError as exc:
+        title = "Does not fit" if "does not fit" in str(exc) or "needs" in str(exc) else "Cannot plan"
+        return error_html(str(exc), title)
+
+
+def status_markdown() -> str:
+    info = manager.describe()
+    if not info["loaded"]:
+        return f"**No model loaded.** {info['status']}"
+    return (
+        f"**{info['model']}** · {info['dtype']} · quantization **{info['quantization']}** · "
+        f"context {info['context_length']} tokens  \n"
+        f"Placement: {info['placement']}  \nMemory: {info['memory']}  \n{info['status']}"
+    )
+
+
+def apply_settings(*values: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
+    """Unload the current model and load the new plan (cancelling replies in flight)."""
+    try:
+        settings = make_settings(*values)
+        manager.load(settings, progress=lambda f, message: progress(f, desc=message))
+    except PipelineError as exc:
+        raise gr.Error(f"{exc} — {manager.status}", print_exception=False) from None
+    return status_markdown(), preview(*values)
+
+
+def message_text(content: Any) -> str:
+    """Chatbot content (a string, or Gradio 6's list of parts) -> plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return ""
+
+
+def model_messages(history: list[dict], system: str) -> list[dict[str, str]]:
+    """The conversation the model sees: no stats or error notes (those carry metadata)."""
+    messages = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
+    for m in history:
+        if m.get("metadata") or m.get("role") not in ("user", "assistant"):
+            continue
+        messages.append({"role": m["role"], "content": message_text(m.get("content"))})
+    return messages
+
+
+def generation_params(max_new: Any, temperature: Any, top_p: Any, top_k: Any, penalty: Any, seed: Any) -> GenerationParams:
+    seed = None if seed in (None, "", -1) or (isinstance(seed, float) and seed < 0) else seed
+    return GenerationParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=penalty, seed=seed)
+
+
+def add_user_message(message: str, history: list[dict]) -> tuple[str, list[dict]]:
+    if not message or not message.strip():
+        gr.Warning("Type a message first.")
+        return message, history
+    return "", history + [{"role": "user", "content": message}]
+
+
+def respond(history: list[dict], system: str, *gen: Any, request: gr.Request = None):
+    """Stream the assistant's reply into the chat, then its stats under it."""
+    if not history or history[-1].get("role") != "user":
+        return  # nothing to answer (an empty message was refused)
+    cancel = _session_cancel(request)
+    cancel.clear()
+    history = history + [{"role": "assistant", "content": ""}]
+    stats = ReplyStats()
+    try:
+        params = generation_params(*gen)
+        for piece in manager.stream(model_messages(history[:-1], system), params, cancel=cancel, stats=stats):
+            history[-1]["content"] += piece
+            yield history
+    except PipelineError as exc:
+        if not history[-1]["content"]:
+            history.pop()
+        history.append({"role": "assistant", "content": str(exc), "metadata": {"title": "⚠️ Error", "status": "done"}})
+        yield history
+        return
+    if not history[-1]["content"]:
+        history[-1]["content"] = "(no text)"
+    stopped = " · stopped" if stats.finish_reason == "cancelled" else ""
+    history.append({"role": "assistant", "content": f"finished: {stats.finish_reason}",
+                    "metadata": {"title": f"📊 {stats.describe()}{stopped}", "status": "done"}})
+    yield history
+
+
+def stop(request: gr.Request = None) -> None:
+    _session_cancel(request).set()
+
+
+def drop_last_reply(history: list[dict]) -> list[dict]:
+    """Retry: remove the last reply (and its stats) so the last user message is answered again."""
+    while history and history[-1].get("role") == "assistant":
+        history = history[:-1]
+    return history
+
+
+def undo(history: list[dict]) -> tuple[list[dict], str]:
+    """Undo: remove the last exchange and put the user's message back in the box."""
+    history = drop_last_reply(history)
+    text = message_text(history[-1]["content"]) if history else ""
+    return history[:-1], text
+
+
+def api_chat(message: str, system: str = "", max_new_tokens: int = 256, temperature: float = 0.7,
+             top_p: float = 0.95, top_k: int = 50, repetition_penalty: float = 1.1, seed: int = -1) -> Iterator[str]:
+    """API: answer one message, streaming the growing reply text."""
+    if not message or not message.strip():
+        raise gr.Error("The message is empty: type something to send.", print_exception=False)
+    params = generation_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    text = ""
+    try:
+        for piece in manager.stream(model_messages([{"role": "user", "content": message}], system), params):
+            text += piece
+            yield text
+    except PipelineError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+
+
+def build_app() -> gr.Blocks:
+    names = {p.display_name: name for name, p in PRESETS.items()}
+    default_model = APP_CONFIG.get("default_model", "demo")
+    with gr.Blocks(title="Offload Chat") as demo:
+        gr.Markdown("# Offload Chat\nChat with language models that do not fit in your GPU: "
+                    "the weights are split over GPU memory, CPU RAM and disk.")
+        gr.Markdown(f"**Hardware:** {HARDWARE.describe()}", elem_id="hardware")
+        with gr.Row():
+            with gr.Column(scale=2, min_width=360):
+                with gr.Group():
+                    preset = gr.Dropdown(choices=[(label, name) for label, name in names.items()],
+                                         value=default_model if default_model in PRESETS else None,
+                                         label="Model preset", elem_id="preset")
+                    custom = gr.Textbox(label="…or any hub ID / local path", placeholder="owner/name or /path/to/model",
+                                        elem_id="custom-model")
+                    quant = gr.Radio(["none", "8-bit", "4-bit"], label="Quantization (bitsandbytes)",
+                                     value=_quant_label(PRESETS[default_model].quantization if default_model in PRESETS else "none"),
+                                     elem_id="quant")
+                    with gr.Accordion("Advanced quantization", open=False):
+                        threshold = gr.Number(6.0, label="8-bit outlier threshold")
+                        skip = gr.Textbox("lm_head", label="Modules kept unquantized (comma-separated)")
+                        four_bit = gr.Radio(["nf4", "fp4"], value="nf4", label="4-bit type")
+                        compute = gr.Dropdown(["auto", "float16", "bfloat16", "float32"], value="auto",
+                                              label="4-bit compute dtype")
+                        double_quant = gr.Checkbox(True, label="4-bit double quantization")
+                gr.Markdown("### Memory budgets")
+                gpu_sliders = [
+                    gr.Slider(0, round(g.total / GiB, 2), value=round(DEFAULTS.gpu[g.index] / GiB, 2), step=0.05,
+                              label=f"GPU {g.index} · {g.name} (GiB)", elem_id=f"gpu-{g.index}")
+                    for g in HARDWARE.gpus
+                ]
+                cpu = gr.Slider(0, round(HARDWARE.ram_total / GiB, 2), value=round(DEFAULTS.cpu / GiB, 2), step=0.01,
+                                label="CPU RAM (GiB)", elem_id="cpu-slider")
+                with gr.Row():
+                    disk = gr.Checkbox(bool(APP_CONFIG.get("disk", True)), label="Disk offload", elem_id="disk")
+                    offload_dir = gr.Textbox(OFFLOAD_ROOT, label="Offload folder", scale=3)
+                plan_view = gr.HTML(elem_id="plan-preview")
+                apply = gr.Button("Apply & reload model", variant="primary", elem_id="apply")
+                status = gr.Markdown(status_markdown(), elem_id="status")
+            with gr.Column(scale=3, min_width=420):
+                chatbot = gr.Chatbot(label="Chat", height=520, elem_id="chatbot", buttons=["copy", "copy_all"])
+                with gr.Row():
+                    message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
+                                         elem_id="message", autofocus=True)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    stop_button = gr.Button("Stop", scale=1, elem_id="stop")
+                    clear = gr.Button("Clear", scale=1, elem_id="clear")
+                with gr.Accordion("Generation", open=False):
+                    system = gr.Textbox("", label="System prompt", lines=2)
+                    gen = PRESETS[default_model].generation if default_model in PRESETS else GenerationParams()
+                    max_new = gr.Slider(1, 2048, value=gen.max_new_tokens, step=1, label="Max new tokens")
+                    temperature = gr.Slider(0, 2, value=gen.temperature, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1, value=gen.top_p, step=0.01, label="Top-p")
+                    top_k = gr.Slider(0, 200, value=gen.top_k, step=1, label="Top-k (0 = off)")
+                    penalty = gr.Slider(0.8, 2, value=gen.repetition_penalty, step=0.01, label="Repetition penalty")
+                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
+
+        settings_inputs = [preset, custom, quant, threshold, skip, four_bit, compute, double_quant, disk, offload_dir,
+                           cpu, *gpu_sliders]
+        gen_inputs = [max_new, temperature, top_p, top_k, penalty, seed]
+
+        # Live preview: sliders on release, everything else on change.
+        for slider in [cpu, *gpu_sliders]:
+            slider.release(preview, settings_inputs, plan_view, api_visibility="private", show_progress="hidden")
+        for component in [quant, threshold, four_bit, compute, double_quant, disk]:
+            component.change(preview, settings_inputs, plan_view, api_visibility="private", show_progress="hidden")
+        for textbox in [custom, skip, offload_dir]:
+            textbox.submit(preview, settings_inputs, plan_view, api_visibility="private", show_progress="hidden")
+            textbox.blur(preview, settings_inputs, plan_view, api_visibility="private", show_progress="hidden")
+
+        def preset_changed(name: str, *values: Any) -> tuple[Any, str]:
+            label = _quant_label(PRESETS[name].quantization) if name in PRESETS else "none"
+            values = list(values)
+            values[1] = label  # quant radio follows the preset's default
+            return label, preview(name, *values)
+
+        preset.change(preset_changed, settings_inputs, [quant, plan_view], api_visibility="private",
+                      show_progress="hidden")
+        demo.load(preview, settings_inputs, plan_view, api_visibility="private", show_progress="hidden")
+        demo.load(status_markdown, None, status, api_visibility="private", show_progress="hidden")
+
+        apply.click(apply_settings, settings_inputs, [status, plan_view], api_name="load_model",
+                    concurrency_limit=1, concurrency_id="reload")
+        gr.api(preview_api, api_name="plan")
+
+        submitted = [message.submit, send.click]
+        for trigger in submitted:
+            trigger(add_user_message, [message, chatbot], [message, chatbot], api_visibility="private",
+                    show_progress="hidden").then(respond, [chatbot, system, *gen_inputs], chatbot,
+                                                 api_visibility="private", show_progress="hidden")
+        stop_button.click(stop, None, None, api_visibility="private", queue=False)
+        clear.click(lambda: [], None, chatbot, api_visibility="private", queue=False)
+        chatbot.retry(drop_last_reply, chatbot, chatbot, api_visibility="private").then(
+            respond, [chatbot, system, *gen_inputs], chatbot, api_visibility="private", show_progress="hidden")
+        chatbot.undo(undo, chatbot, [chatbot, message], api_visibility="private")
+        chatbot.clear(lambda: [], None, chatbot, api_visibility="private")
+        gr.api(api_chat, api_name="chat")
+    return demo
+
+
+def preview_api(model: str, cpu_gib: float, disk: bool = True, quantization: str = "none",
+                gpu_gib: str = "") -> dict:
+    """API: the plan for a model and budgets, without loading (JSON)."""
+    try:
+        gpus = tuple(float(x) for x in gpu_gib.split(",") if x.strip()) if gpu_gib else ()
+        settings = Settings(model=model, gpu_gib=gpus, cpu_gib=cpu_gib, disk=disk, offload_dir=OFFLOAD_ROOT,
+                            quant=QuantSettings(mode=quantization))
+        return manager.plan(settings).to_dict()
+    except (PipelineError, ValueError) as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+
+
+demo = build_app()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Offload Chat: a browser chat for models bigger than your GPU.")
+    parser.add_argument("--model", default=APP_CONFIG.get("default_model", "demo"),
+                        help="preset, hub ID or local path loaded at start (default: %(default)s)")
+    on_space = bool(os.environ.get("SPACE_ID"))
+    parser.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
+    parser.add_argument("--share", action="store_true", help="create a public share link")
+    parser.add_argument("--auth", default=os.environ.get("APP_AUTH"),
+                        help="USER:PASS required to open the app (or set APP_AUTH)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            sys.exit("error: --auth must be USER:PASS")
+        auth = (user, password)
+    if args.share and auth is None:
+        logger.warning("--share without --auth: anyone with the link can use this app and your hardware. "
+                       "Add --auth USER:PASS (or set APP_AUTH) to require a login.")
+    try:
+        settings = Settings(model=args.model, gpu_gib=tuple(b / GiB for b in DEFAULTS.gpu), cpu_gib=DEFAULTS.cpu / GiB,
+                            disk=bool(APP_CONFIG.get("disk", True)), offload_dir=OFFLOAD_ROOT, quant_from_preset=True)
+        manager.load(settings)
+        logger.info("loaded %s: %s", args.model, manager.current.plan.summary)
+    except PipelineError as exc:
+        logger.error("could not load %s: %s (the app starts without a model)", args.model, exc)
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                show_error=True)
+
+
+if __name__ == "__main__":
+    main()
