@@ -159,14 +159,14 @@ def respond(history: list[dict], system: str, *gen: Any, request: gr.Request = N
     except PipelineError as exc:
         if not history[-1]["content"]:
             history.pop()
-        history.append({"role": "assistant", "content": str(exc), "metadata": {"title": "⚠️ Error", "status": "done"}})
+        history.append({"role": "assistant", "content": str(exc), "metadata": {"title": "Error", "status": "done"}})
         yield history
         return
     if not history[-1]["content"]:
         history[-1]["content"] = "(no text)"
     stopped = " · stopped" if stats.finish_reason == "cancelled" else ""
     history.append({"role": "assistant", "content": f"finished: {stats.finish_reason}",
-                    "metadata": {"title": f"📊 {stats.describe()}{stopped}", "status": "done"}})
+                    "metadata": {"title": f"{stats.describe()}{stopped}", "status": "done"}})
     yield history
 
 
@@ -244,10 +244,10 @@ def build_app() -> gr.Blocks:
                 status = gr.Markdown(status_markdown(), elem_id="status")
             with gr.Column(scale=3, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", height=520, elem_id="chatbot", buttons=["copy", "copy_all"])
+                message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, lines=2,
+                                     elem_id="message", autofocus=True, submit_btn=False)
                 with gr.Row():
-                    message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
-                                         elem_id="message", autofocus=True)
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    send = gr.Button("Send", variant="primary", scale=2, elem_id="send")
                     stop_button = gr.Button("Stop", scale=1, elem_id="stop")
                     clear = gr.Button("Clear", scale=1, elem_id="clear")
                 with gr.Accordion("Generation", open=False):
@@ -281,7 +281,17 @@ def build_app() -> gr.Blocks:
 
         preset.change(preset_changed, settings_inputs, [quant, plan_view], api_visibility="private",
                       show_progress="hidden")
-        demo.load(preview, settings_inputs, plan_view, api_visibility="private", show_progress="hidden")
+        def sync_with_loaded(*values: Any) -> tuple[Any, Any, Any, str]:
+            """A new page shows the loaded model's settings, not the config defaults."""
+            values = list(values)
+            if manager.settings is not None:
+                name = manager.settings.model
+                values[0], values[1] = (name, "") if name in PRESETS else (values[0], name)
+                values[2] = _quant_label(manager.current.quant.mode if manager.current else "none")
+            return values[0], values[1], values[2], preview(*values)
+
+        demo.load(sync_with_loaded, settings_inputs, [preset, custom, quant, plan_view], api_visibility="private",
+                  show_progress="hidden")
         demo.load(status_markdown, None, status, api_visibility="private", show_progress="hidden")
 
         apply.click(apply_settings, settings_inputs, [status, plan_view], api_name="load_model",

@@ -123,7 +123,12 @@ def load_model_config(preset: Preset) -> Any:
             ) from None
         raise ModelSourceError(f"model {preset.source!r}: unsupported config: {exc}") from None
     except OSError as exc:
-        raise ModelSourceError(f"model {preset.source!r}: cannot read its config.json ({_first_line(exc)})") from None
+        reason = _first_line(exc)
+        if "connect" in reason or "offline" in reason.lower():
+            reason = "not in the local cache, and the Hugging Face hub cannot be reached (offline?)"
+        elif "is not a local folder and is not a valid model identifier" in str(exc) or "404" in str(exc):
+            reason = "no such model on the Hugging Face hub (check the ID, or log in for gated models)"
+        raise ModelSourceError(f"model {preset.source!r}: cannot read its config.json: {reason}") from None
 
 
 def _first_line(exc: BaseException) -> str:
