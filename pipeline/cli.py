@@ -93,11 +93,20 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
     print(_plan_text(plan), flush=True)
     params = _params(args, preset.generation)
 
+    interactive = sys.stderr.isatty()
+    shown = {"step": -1}
+
     def progress(fraction: float, message: str) -> None:
-        print(f"\r[{fraction * 100:3.0f}%] {message[:100]:100}", end="", file=sys.stderr, flush=True)
+        step = int(fraction * 10)  # a line per 10 % when not on a terminal
+        if interactive:
+            print(f"\r[{fraction * 100:3.0f}%] {message[:100]:100}", end="", file=sys.stderr, flush=True)
+        elif step != shown["step"]:
+            shown["step"] = step
+            print(f"[{fraction * 100:3.0f}%] {message[:100]}", file=sys.stderr, flush=True)
 
     loaded = load_model(preset, budgets, quant, progress=progress, allow_pickle=args.allow_pickle or None)
-    print(file=sys.stderr)
+    if interactive:
+        print(file=sys.stderr)
     try:
         history = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt is not None:
