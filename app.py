@@ -136,17 +136,18 @@ def generation_params(max_new: Any, temperature: Any, top_p: Any, top_k: Any, pe
                             repetition_penalty=penalty, seed=seed)
 
 
-def add_user_message(message: str, history: list[dict]) -> tuple[str, list[dict]]:
+def add_user_message(message: str, history: list[dict]) -> tuple[Any, Any]:
     if not message or not message.strip():
         gr.Warning("Type a message first.")
-        return message, history
+        return gr.skip(), gr.skip()  # leave the chat as it is (no re-render, nothing to answer)
     return "", history + [{"role": "user", "content": message}]
 
 
 def respond(history: list[dict], system: str, *gen: Any, request: gr.Request = None):
     """Stream the assistant's reply into the chat, then its stats under it."""
     if not history or history[-1].get("role") != "user":
-        return  # nothing to answer (an empty message was refused)
+        yield gr.skip()  # nothing to answer (an empty message was refused); a bare return would clear the chat
+        return
     cancel = _session_cancel(request)
     cancel.clear()
     history = history + [{"role": "assistant", "content": ""}]

@@ -149,14 +149,18 @@ def resolve_dtype(preset_dtype: str, config: Any, on_gpu: bool) -> torch.dtype:
     return stored if stored in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def empty_model(config: Any, trust_remote_code: bool = False) -> nn.Module:
-    """The model on the meta device with its weights tied: shapes and names, no memory."""
+def empty_model(config: Any, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model on the meta device, in the load dtype, with its weights tied: shapes and names, no memory.
+
+    The dtype matters: accelerate prices each tensor at the smaller of its own dtype and the
+    requested one, so a bf16 config built as-is would be priced at half its float32 size.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     try:
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     except ValueError as exc:
         raise ModelSourceError(
             f"model type {getattr(config, 'model_type', '?')!r} is not a causal language model transformers can "
@@ -210,7 +214,7 @@ def plan_device_map(
 
     if not isinstance(budgets, Budgets):
         raise ConfigError(f"budgets={budgets!r} must be a Budgets (see pipeline.budgets.make_budgets)")
-    model = empty_model(config, trust_remote_code)
+    model = empty_model(config, trust_remote_code, dtype)
     no_split, note = no_split_classes(model, no_split_override)
     notes = [note] if note else []
     full = compute_module_sizes(model, dtype=dtype)

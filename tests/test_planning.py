@@ -78,6 +78,13 @@ def test_tied_weights_stay_together_under_every_budget() -> None:
         assert plan.device_map["lm_head"] == plan.device_map["model.embed_tokens"], gpu
 
 
+def test_sizes_follow_the_load_dtype_not_the_config_dtype() -> None:
+    config = tiny()
+    config.dtype = torch.bfloat16  # a 16-bit checkpoint loaded in float32 takes float32 bytes
+    assert plan_device_map(config, budgets(cpu=10 * TOTAL), dtype=torch.float32).total_bytes == TOTAL
+    assert plan_device_map(config, budgets(cpu=10 * TOTAL), dtype=torch.bfloat16).total_bytes == TOTAL // 2
+
+
 def test_untied_head_is_planned_on_its_own() -> None:
     plan = plan_device_map(tiny(tie=False), budgets(cpu=10 * TOTAL))
     assert plan.total_bytes == TOTAL + EMBED
