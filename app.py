@@ -282,16 +282,23 @@ def build_app() -> gr.Blocks:
 
         preset.change(preset_changed, settings_inputs, [quant, plan_view], api_visibility="private",
                       show_progress="hidden")
-        def sync_with_loaded(*values: Any) -> tuple[Any, Any, Any, str]:
+        synced = [preset, custom, quant, disk, cpu, *gpu_sliders]
+
+        def sync_with_loaded(*values: Any) -> list[Any]:
             """A new page shows the loaded model's settings, not the config defaults."""
             values = list(values)
-            if manager.settings is not None:
-                name = manager.settings.model
-                values[0], values[1] = (name, "") if name in PRESETS else (values[0], name)
+            loaded = manager.settings
+            if loaded is not None:
+                values[0], values[1] = (loaded.model, "") if loaded.model in PRESETS else (values[0], loaded.model)
                 values[2] = _quant_label(manager.current.quant.mode if manager.current else "none")
-            return values[0], values[1], values[2], preview(*values)
+                values[8] = loaded.disk
+                if loaded.cpu_gib is not None:
+                    values[10] = round(float(loaded.cpu_gib), 2)
+                for i, gib in enumerate(loaded.gpu_gib[: len(gpu_sliders)]):
+                    values[11 + i] = round(float(gib), 2)
+            return [values[i] for i in (0, 1, 2, 8, 10)] + values[11:] + [preview(*values)]
 
-        demo.load(sync_with_loaded, settings_inputs, [preset, custom, quant, plan_view], api_visibility="private",
+        demo.load(sync_with_loaded, settings_inputs, [*synced, plan_view], api_visibility="private",
                   show_progress="hidden")
         demo.load(status_markdown, None, status, api_visibility="private", show_progress="hidden")
 
@@ -339,6 +346,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="create a public share link")
     parser.add_argument("--auth", default=os.environ.get("APP_AUTH"),
                         help="USER:PASS required to open the app (or set APP_AUTH)")
+    parser.add_argument("--gpu-memory", nargs="+", type=float, metavar="GIB", default=None,
+                        help="starting budget per GPU (default: 90%% of each GPU's free memory)")
+    parser.add_argument("--cpu-memory", type=float, metavar="GIB", default=None,
+                        help="starting CPU RAM budget (default: 70%% of available)")
+    parser.add_argument("--no-disk", action="store_true", help="start with disk offload off")
     return parser.parse_args(argv)
 
 
@@ -355,8 +367,11 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("--share without --auth: anyone with the link can use this app and your hardware. "
                        "Add --auth USER:PASS (or set APP_AUTH) to require a login.")
     try:
-        settings = Settings(model=args.model, gpu_gib=tuple(b / GiB for b in DEFAULTS.gpu), cpu_gib=DEFAULTS.cpu / GiB,
-                            disk=bool(APP_CONFIG.get("disk", True)), offload_dir=OFFLOAD_ROOT, quant_from_preset=True)
+        gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in DEFAULTS.gpu]
+        cpu = args.cpu_memory if args.cpu_memory is not None else DEFAULTS.cpu / GiB
+        disk = bool(APP_CONFIG.get("disk", True)) and not args.no_disk
+        settings = Settings(model=args.model, gpu_gib=tuple(gpu), cpu_gib=cpu, disk=disk, offload_dir=OFFLOAD_ROOT,
+                            quant_from_preset=True)
         manager.load(settings)
         logger.info("loaded %s: %s", args.model, manager.current.plan.summary)
     except PipelineError as exc:

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Set everything up in .venv (offline-safe: nothing here downloads model weights).
-#   bash setup.sh            # create .venv and install
-# Then: .venv/bin/python -m pipeline --prompt "And God said"
+# Set everything up in .venv (nothing here downloads model weights; the demo model is in models/).
+#   bash setup.sh && .venv/bin/python app.py
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -13,5 +12,6 @@ PY
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # torch first, pinned: an unpinned torch would pull the multi-GB CUDA build where none is wanted.
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-echo "Ready. Chat from the command line:  .venv/bin/python -m pipeline --prompt \"And God said\""
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+echo "Ready: .venv/bin/python app.py  (browser chat on http://127.0.0.1:7860)"
+echo "       .venv/bin/python -m pipeline --prompt \"And God said\"  (command line)"

@@ -46,8 +46,8 @@ def test_chat_streams_text_from_the_demo_model(client) -> None:
 
 
 def test_budget_change_reloads_and_reports_the_new_plan(client) -> None:
-    status, picture = client.predict(*settings(cpu=0.005), api_name="/load_model")
-    assert "disk" in picture and "CPU" in picture  # 5 MiB of RAM: some layers go to disk
+    status, picture = client.predict(*settings(cpu=0.012), api_name="/load_model")
+    assert "disk" in picture and "CPU" in picture  # 12 MiB of RAM: embeddings + a layer stay, the rest goes to disk
     assert "Placement: CPU" in status and "disk" in status
     assert len(ask(client, "And God said")[-1].split()) >= 3
     status, picture = client.predict(*settings(), api_name="/load_model")
