@@ -95,7 +95,7 @@ def status_markdown() -> str:
     return (
         f"**{info['model']}** · {info['dtype']} · quantization **{info['quantization']}** · "
         f"context {info['context_length']} tokens  \n"
-        f"Placement: {info['placement']}  \nMemory: {info['memory']}  \n{info['status']}"
+        f"Placement: {info['placement']}  \nPlanned: {info['memory']}  \nIn use: {info['in_use']}  \n{info['status']}"
     )
 
 

@@ -168,6 +168,7 @@ class ModelManager:
         )
         return {
             "loaded": True,
+            "in_use": memory_in_use(loaded),
             "status": self.status,
             "model": loaded.preset.display_name,
             "quantization": plan.quantization,
@@ -177,3 +178,19 @@ class ModelManager:
             "summary": plan.summary,
             "context_length": loaded.context_length,
         }
+
+
+def memory_in_use(loaded: LoadedModel) -> str:
+    """What the process really uses now: GPU memory allocated per device, process RSS, offload files."""
+    import psutil
+    import torch
+
+    parts = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            parts.append(f"GPU{index} {format_bytes(torch.cuda.memory_allocated(index))} allocated")
+    parts.append(f"process RSS {format_bytes(psutil.Process().memory_info().rss)}")
+    if loaded.offload_dir is not None and loaded.offload_dir.exists():
+        size = sum(p.stat().st_size for p in loaded.offload_dir.rglob("*") if p.is_file())
+        parts.append(f"offload folder {format_bytes(size)}")
+    return " · ".join(parts)

@@ -29,6 +29,7 @@ def manager(tiny_llama: Path, tmp_path: Path) -> ModelManager:
 def test_load_and_describe(manager: ModelManager) -> None:
     info = manager.describe()
     assert info["loaded"] and info["placement"] == "CPU 100 %" and info["quantization"] == "none"
+    assert "process RSS" in info["in_use"]
     assert "".join(manager.stream(HELLO, GenerationParams(temperature=0, max_new_tokens=8)))
 
 
