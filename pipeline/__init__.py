@@ -19,7 +19,7 @@ from .errors import (
     ModelSourceError,
     PipelineError,
 )
-from .loading import LoadedModel, load_model, prepare, unload
+from .loading import LoadedModel, Prepared, load_model, prepare, unload
 from .params import GenerationParams
 from .planning import Plan, plan_device_map
 from .presets import Preset, list_presets, resolve_model
@@ -27,7 +27,7 @@ from .quantization import QuantSettings
 
 __all__ = [
     "Budgets", "ConfigError", "DoesNotFitError", "GenerationError", "GenerationParams", "Hardware", "LoadError",
-    "LoadedModel", "ModelSourceError", "PipelineError", "Plan", "Preset", "QuantSettings", "Reply", "ReplyStats",
+    "LoadedModel", "ModelSourceError", "PipelineError", "Plan", "Prepared", "Preset", "QuantSettings", "Reply", "ReplyStats",
     "build_prompt", "chat", "default_budgets", "detect_hardware", "list_presets", "load_model", "make_budgets",
     "plan_device_map", "prepare", "resolve_model", "stream_chat", "unload",
 ]

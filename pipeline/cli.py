@@ -86,7 +86,8 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
         int8_threshold=args.int8_threshold,
         skip_modules=args.skip_modules if args.skip_modules is not None else preset.int8_skip_modules,
     )
-    plan, quant, _ = prepare(preset, budgets, quant)
+    prepared = prepare(preset, budgets, quant)
+    plan = prepared.plan
     if args.plan_only:
         print(plan.to_json() if args.json else _plan_text(plan))
         return 0
@@ -104,7 +105,7 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
             shown["step"] = step
             print(f"[{fraction * 100:3.0f}%] {message[:100]}", file=sys.stderr, flush=True)
 
-    loaded = load_model(preset, budgets, quant, progress=progress, allow_pickle=args.allow_pickle or None)
+    loaded = load_model(preset, budgets, progress=progress, allow_pickle=args.allow_pickle or None, prepared=prepared)
     if interactive:
         print(file=sys.stderr)
     try:

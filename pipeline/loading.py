@@ -56,10 +56,17 @@ class LoadedModel:
         unload(self)
 
 
-def prepare(
-    preset: Preset, budgets: Budgets, quant: QuantSettings | None = None
-) -> tuple[Plan, QuantSettings, Any]:
-    """Plan a preset under budgets without loading: (plan, quantization settings, model config)."""
+@dataclass(frozen=True)
+class Prepared:
+    """A plan made for a preset, with what loading it needs."""
+
+    plan: Plan
+    quant: QuantSettings
+    config: Any  # the model's PretrainedConfig
+
+
+def prepare(preset: Preset, budgets: Budgets, quant: QuantSettings | None = None) -> Prepared:
+    """Plan a preset under budgets without loading anything but its config.json."""
     quant = quant or QuantSettings(mode=preset.quantization, skip_modules=preset.int8_skip_modules)
     config = load_model_config(preset)
     dtype = resolve_dtype(preset.dtype, config, budgets.has_gpu)
@@ -72,7 +79,7 @@ def prepare(
         no_split_override=preset.no_split_modules,
         trust_remote_code=preset.trust_remote_code,
     )
-    return plan, quant, config
+    return Prepared(plan, quant, config)
 
 
 def load_model(
@@ -82,9 +89,12 @@ def load_model(
     *,
     progress: ProgressCallback | None = None,
     allow_pickle: bool | None = None,
+    prepared: Prepared | None = None,
 ) -> LoadedModel:
-    """Plan, then load weights into exactly that plan. Raises PipelineError subclasses on failure,
-    after removing any partial offload files."""
+    """Plan (unless `prepared` is given), then load weights into exactly that plan.
+
+    Raises PipelineError subclasses on failure, after removing any partial offload files.
+    """
     import time
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,7 +102,8 @@ def load_model(
     report = progress or (lambda fraction, message: None)
     started = time.perf_counter()
     report(0.0, f"Planning {preset.display_name}")
-    plan, quant, config = prepare(preset, budgets, quant)
+    prepared = prepared or prepare(preset, budgets, quant)
+    plan, quant, config = prepared.plan, prepared.quant, prepared.config
     allow_pickle = preset.allow_pickle if allow_pickle is None else allow_pickle
     source = str(preset.local_path or preset.source)
     if preset.local_path is not None:

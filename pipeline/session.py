@@ -76,7 +76,7 @@ class ModelManager:
     def plan(self, settings: Settings) -> Plan:
         """Plan without loading (the live preview)."""
         resolved = self.resolve(settings)
-        return prepare(resolved.preset, resolved.budgets, resolved.quant)[0]
+        return prepare(resolved.preset, resolved.budgets, resolved.quant).plan
 
     def load(self, settings: Settings, progress: ProgressCallback | None = None) -> LoadedModel:
         """Replace the current model by one loaded with `settings`.
@@ -85,7 +85,7 @@ class ModelManager:
         and the error is re-raised; `status` says what is loaded afterwards.
         """
         resolved = self.resolve(settings)  # bad input fails here, before anything is unloaded
-        prepare(resolved.preset, resolved.budgets, resolved.quant)  # so does "does not fit"
+        prepared = prepare(resolved.preset, resolved.budgets, resolved.quant)  # so does "does not fit"
         with self._swap:
             self.cancel_all()
             previous, previous_settings = self.current, self.settings
@@ -93,7 +93,7 @@ class ModelManager:
                 unload(previous)  # waits for the model lock: cancelled streams end within one token
                 self.current = None
             try:
-                self.current = load_model(resolved.preset, resolved.budgets, resolved.quant, progress=progress)
+                self.current = load_model(resolved.preset, resolved.budgets, progress=progress, prepared=prepared)
                 self.settings = settings
                 self.status = f"Loaded {resolved.preset.display_name}."
                 return self.current
