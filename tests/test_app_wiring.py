@@ -1,0 +1,92 @@
+"""app.py's event functions called directly: errors become visible chat notes, never tracebacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import app
+from pipeline.session import Settings
+
+GEN = (24, 0, 0.9, 50, 1.0, -1)  # max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loaded_demo(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    app.manager.load(Settings(model="demo", cpu_gib=1, disk=True, offload_dir=str(tmp_path_factory.mktemp("off"))))
+    yield
+    app.manager.current.unload()
+
+
+def run(history: list[dict], system: str = "", gen: tuple = GEN) -> list[list[dict]]:
+    return [list(h) for h in app.respond(history, system, *gen)]
+
+
+def test_reply_streams_then_stats_follow_it() -> None:
+    updates = run([{"role": "user", "content": "And God said"}])
+    assert len(updates) >= 3
+    final = updates[-1]
+    assert [m["role"] for m in final] == ["user", "assistant", "assistant"]
+    assert final[1]["content"] and "metadata" not in final[1]
+    assert "tokens/s" in final[2]["metadata"]["title"]  # the stats line under the reply
+
+
+@pytest.mark.parametrize(
+    ("history", "gen", "message"),
+    [
+        ([{"role": "user", "content": "earth " * 2000}], GEN, "the message is too long"),
+        ([{"role": "user", "content": "hi"}], (24, -1, 0.9, 50, 1.0, -1), "temperature=-1"),
+        ([{"role": "user", "content": "hi"}], (0, 0, 0.9, 50, 1.0, -1), "max_new_tokens=0"),
+    ],
+)
+def test_bad_chat_input_becomes_an_error_note(history, gen, message) -> None:
+    final = run(history, gen=gen)[-1]
+    note = final[-1]
+    assert note["metadata"]["title"] == "Error" and message in note["content"]
+    assert "Traceback" not in note["content"]
+    assert final[:-1] == history  # nothing else was added
+
+
+def test_the_model_sees_no_stats_or_error_notes() -> None:
+    history = run([{"role": "user", "content": "And God said"}])[-1]
+    history.append({"role": "user", "content": [{"type": "text", "text": "Amen"}]})  # Gradio 6 content parts
+    messages = app.model_messages(history, "Be brief.")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[-1]["content"] == "Amen"
+
+
+def test_stop_cancels_the_reply() -> None:
+    stream = app.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1)
+    next(stream)
+    app.stop()  # no request: the default session, as used here
+    final = list(stream)[-1]
+    assert "stopped" in final[-1]["metadata"]["title"]
+
+
+def test_retry_and_undo() -> None:
+    history = run([{"role": "user", "content": "And God said"}])[-1]
+    assert app.drop_last_reply(history) == history[:1]
+    assert app.undo(history) == ([], "And God said")
+
+
+def test_empty_message_is_refused_with_a_warning() -> None:
+    import gradio as gr
+
+    with pytest.warns(UserWarning, match="Type a message first"):
+        message, history = app.add_user_message("   ", [])
+    assert isinstance(message, type(gr.skip())) and isinstance(history, type(gr.skip()))
+
+
+def test_preview_shows_does_not_fit_instead_of_raising() -> None:
+    values = ["demo", "", "none", 6.0, "lm_head", "nf4", "auto", True, False, "", 0.001]
+    html = app.preview(*values)
+    assert 'data-fits="false"' in html and "does not fit" in html
+    values[8] = True
+    assert 'data-device="disk"' in app.preview(*values)
+
+
+def test_preview_escapes_html_in_model_names() -> None:
+    values = ["demo", "<script>alert(1)</script>", "none", 6.0, "lm_head", "nf4", "auto", True, True, "", 1.0]
+    html = app.preview(*values)
+    assert "<script>" not in html and "&lt;script&gt;" in html
