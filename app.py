@@ -17,7 +17,7 @@ from typing import Any
 
 import gradio as gr
 
-from pipeline.budgets import GiB, default_budgets, detect_hardware
+from pipeline.budgets import GiB, app_default_budgets, detect_hardware
 from pipeline.chat import ReplyStats
 from pipeline.errors import PipelineError
 from pipeline.params import GenerationParams
@@ -31,7 +31,9 @@ logger = logging.getLogger("app")
 APP_CONFIG = load_app_config()
 OFFLOAD_ROOT = str(REPO_ROOT / APP_CONFIG.get("offload_dir", "offload"))
 HARDWARE = detect_hardware(OFFLOAD_ROOT)
-DEFAULTS = default_budgets(HARDWARE, OFFLOAD_ROOT)
+DEFAULTS = app_default_budgets(HARDWARE, APP_CONFIG, OFFLOAD_ROOT)
+DISK_CAP_GIB = DEFAULTS.disk_cap / GiB if DEFAULTS.disk_cap is not None else None
+MODEL_ROOTS = [REPO_ROOT / r for r in APP_CONFIG.get("model_roots", ["models"])]
 PRESETS = list_presets()
 QUANT_LABELS = {"none": "none", "8-bit": "int8", "4-bit": "4bit"}
 CONCURRENCY = 4  # browser events processed at once; generation itself runs one reply at a time
@@ -72,6 +74,7 @@ def make_settings(
         cpu_gib=cpu_gib,
         disk=bool(disk),
         offload_dir=str(folder),
+        disk_cap_gib=DISK_CAP_GIB,
         quant=QuantSettings(mode=mode, int8_threshold=threshold, skip_modules=skip or "", compute_dtype=compute,
                             double_quant=bool(double_quant)),
     )
@@ -351,6 +354,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu-memory", type=float, metavar="GIB", default=None,
                         help="starting CPU RAM budget (default: 70%% of available)")
     parser.add_argument("--no-disk", action="store_true", help="start with disk offload off")
+    parser.add_argument("--require-auth", action="store_true", help="refuse to --share without --auth")
+    parser.add_argument("--allow-any-path", action="store_true",
+                        help="when shared, allow local model paths outside configs/app.yaml's model_roots")
     return parser.parse_args(argv)
 
 
@@ -364,14 +370,19 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit("error: --auth must be USER:PASS")
         auth = (user, password)
     if args.share and auth is None:
+        if args.require_auth:
+            sys.exit("error: --require-auth: give --auth USER:PASS (or set APP_AUTH) to share this app")
         logger.warning("--share without --auth: anyone with the link can use this app and your hardware. "
                        "Add --auth USER:PASS (or set APP_AUTH) to require a login.")
+    if (args.share or os.environ.get("SPACE_ID")) and not args.allow_any_path:
+        manager.allowed_roots = MODEL_ROOTS  # strangers may not load arbitrary folders of this machine
+        logger.info("local model paths limited to %s", ", ".join(str(r) for r in MODEL_ROOTS))
     try:
         gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in DEFAULTS.gpu]
         cpu = args.cpu_memory if args.cpu_memory is not None else DEFAULTS.cpu / GiB
         disk = bool(APP_CONFIG.get("disk", True)) and not args.no_disk
         settings = Settings(model=args.model, gpu_gib=tuple(gpu), cpu_gib=cpu, disk=disk, offload_dir=OFFLOAD_ROOT,
-                            quant_from_preset=True)
+                            disk_cap_gib=DISK_CAP_GIB, quant_from_preset=True)
         manager.load(settings)
         logger.info("loaded %s: %s", args.model, manager.current.plan.summary)
     except PipelineError as exc:

@@ -178,12 +178,35 @@ def _looks_positive(value: Any) -> bool:
         return True
 
 
-def default_budgets(hardware: Hardware, offload_dir: str | Path = "offload", disk: bool = True) -> Budgets:
-    """Proposed defaults with headroom: most of each GPU's free memory, 70 % of available RAM, disk on."""
-    gpu = tuple(
-        max(0, min(int(g.free * GPU_DEFAULT_FRACTION), g.free - GPU_HEADROOM_BYTES)) for g in hardware.gpus
-    )
-    cpu = int(hardware.ram_available * CPU_DEFAULT_FRACTION)
-    cap = int(hardware.disk_free * DISK_DEFAULT_FRACTION) if disk else None
+def default_budgets(
+    hardware: Hardware,
+    offload_dir: str | Path = "offload",
+    disk: bool = True,
+    gpu_fraction: float = GPU_DEFAULT_FRACTION,
+    cpu_fraction: float = CPU_DEFAULT_FRACTION,
+    disk_cap_gib: float | None = None,
+) -> Budgets:
+    """Proposed defaults with headroom: a share of each GPU's free memory (keeping 1 GiB for the CUDA
+    context and activations), a share of available RAM, and disk on with 80 % of the free space."""
+    for name, value in (("gpu_memory_fraction", gpu_fraction), ("cpu_memory_fraction", cpu_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConfigError(f"{name}={value!r}; accepted: a number from 0 to 1")
+    gpu = tuple(max(0, min(int(g.free * gpu_fraction), g.free - GPU_HEADROOM_BYTES)) for g in hardware.gpus)
+    cpu = int(hardware.ram_available * cpu_fraction)
+    cap = None
+    if disk:
+        free_cap = int(hardware.disk_free * DISK_DEFAULT_FRACTION)
+        cap = free_cap if disk_cap_gib is None else parse_gib("disk_cap_gib", disk_cap_gib, hardware.disk_free / GiB)
     return Budgets(gpu, cpu, disk, Path(offload_dir).expanduser(), cap)
 
+
+def app_default_budgets(hardware: Hardware, app_config: dict, offload_dir: str | Path) -> Budgets:
+    """default_budgets with the settings of configs/app.yaml."""
+    return default_budgets(
+        hardware,
+        offload_dir,
+        disk=bool(app_config.get("disk", True)),
+        gpu_fraction=app_config.get("gpu_memory_fraction", GPU_DEFAULT_FRACTION),
+        cpu_fraction=app_config.get("cpu_memory_fraction", CPU_DEFAULT_FRACTION),
+        disk_cap_gib=app_config.get("disk_cap_gib"),
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -79,6 +80,14 @@ class Prompt:
     stop: tuple[str, ...]  # stop strings the template implies (fallback template only)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def strip_control(text: str) -> str:
+    """Drop C0 control characters (NUL, ESC, ...) except tab and newlines: terminals paste them, models never need them."""
+    return _CONTROL.sub("", text)
+
+
 def validate_messages(messages: Sequence[Message]) -> list[Message]:
     """Check roles and contents; the last message must be the user's."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
@@ -91,7 +100,7 @@ def validate_messages(messages: Sequence[Message]) -> list[Message]:
             raise ConfigError(
                 f"messages[{i}] is {len(m['content']):,} characters; the limit is {MAX_MESSAGE_CHARS:,}"
             )
-        clean.append({"role": m["role"], "content": m["content"]})
+        clean.append({"role": m["role"], "content": strip_control(m["content"])})
     if clean[-1]["role"] != "user":
         raise ConfigError(f"the last message must be the user's, got role {clean[-1]['role']!r}")
     if not clean[-1]["content"].strip():

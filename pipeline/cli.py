@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .budgets import GiB, default_budgets, detect_hardware, make_budgets
+from .budgets import GiB, app_default_budgets, detect_hardware, make_budgets
 from .chat import ReplyStats, stream_chat
 from .errors import PipelineError
 from .loading import load_model, prepare, unload
@@ -77,10 +77,10 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
     if not offload_dir.is_absolute() and args.offload_dir is None:
         offload_dir = REPO_ROOT / offload_dir
     hardware = detect_hardware(offload_dir)
-    gpu = args.gpu_memory
-    if gpu is None:
-        gpu = [b / GiB for b in default_budgets(hardware, offload_dir).gpu]
-    budgets = make_budgets(hardware, gpu, args.cpu_memory, args.disk, offload_dir, args.disk_cap)
+    defaults = app_default_budgets(hardware, defaults, offload_dir)
+    gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in defaults.gpu]
+    cpu = args.cpu_memory if args.cpu_memory is not None else defaults.cpu / GiB
+    budgets = make_budgets(hardware, gpu, cpu, args.disk, offload_dir, args.disk_cap)
     quant = QuantSettings(
         mode=args.quant or preset.quantization,
         int8_threshold=args.int8_threshold,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gc
 import hashlib
 import json
@@ -111,6 +112,11 @@ def load_model(
     if quant.enabled:
         _check_bitsandbytes(plan)
 
+    if preset.trust_remote_code:
+        logger.warning(
+            "%s runs code from its repository (trust_remote_code: true in its preset): only use presets you trust",
+            preset.display_name,
+        )
     report(0.05, "Loading tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=preset.trust_remote_code)
@@ -149,9 +155,23 @@ def load_model(
         _remove_dir(offload_dir)
         gc.collect()
         raise LoadError(f"out of CPU memory while loading {preset.display_name}; lower the CPU budget or use disk") from None
+    except OSError as exc:
+        _remove_dir(offload_dir)
+        gc.collect()
+        if exc.errno == errno.ENOSPC:
+            where = offload_dir.parent if offload_dir else budgets.offload_dir
+            raise LoadError(
+                f"the disk is full at {str(where)!r} while writing offload files for {preset.display_name}; "
+                "free some space, lower the disk cap, or raise the GPU/CPU budgets (partial files were removed)"
+            ) from None
+        raise LoadError(f"loading {preset.source!r} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     except Exception as exc:  # corrupt shards, missing keys, library errors: all end as one clear LoadError
         _remove_dir(offload_dir)
         gc.collect()
+        if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
+            raise LoadError(
+                f"out of CPU memory while loading {preset.display_name}; lower the CPU budget or use disk"
+            ) from None
         raise LoadError(f"loading {preset.source!r} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     context = _context_length(preset, config, tokenizer)
     report(1.0, f"Loaded {preset.display_name}")

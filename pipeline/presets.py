@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -125,9 +126,10 @@ def list_presets(preset_dir: Path = PRESET_DIR) -> dict[str, Preset]:
     return {p.stem: load_preset_file(p) for p in sorted(preset_dir.glob("*.yaml"))}
 
 
-def resolve_model(spec: str, preset_dir: Path = PRESET_DIR) -> Preset:
+def resolve_model(spec: str, preset_dir: Path = PRESET_DIR, allowed_roots: Sequence[Path] | None = None) -> Preset:
     """Turn a preset name, a local checkpoint directory or a hub ID into a Preset.
 
+    With `allowed_roots` (a shared app), local paths must lie inside one of those folders.
     Raises ModelSourceError naming the spec and the accepted forms when it is none of them.
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -144,6 +146,15 @@ def resolve_model(spec: str, preset_dir: Path = PRESET_DIR) -> Preset:
     path = Path(spec).expanduser()
     looks_like_path = path.is_absolute() or spec.startswith((".", "~")) or path.exists() or spec.count("/") > 1
     if looks_like_path:
+        if allowed_roots is not None:
+            resolved = path.resolve()
+            roots = [Path(r).expanduser().resolve() for r in allowed_roots]
+            if not any(resolved == r or r in resolved.parents for r in roots):
+                shown = ", ".join(str(r) for r in roots) or "none"
+                raise ModelSourceError(
+                    f"model path {spec!r} is outside the folders this shared app may load from ({shown}); "
+                    "use a preset or a hub ID"
+                )
         if not path.exists():
             raise ModelSourceError(f"model path {spec!r} does not exist")
         if not path.is_dir():
@@ -165,7 +176,7 @@ def load_app_config(path: Path = CONFIG_DIR / "app.yaml") -> dict[str, Any]:
     """App defaults: default model, offload folder, default budgets."""
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     allowed = {"default_model", "offload_dir", "gpu_memory_fraction", "cpu_memory_fraction", "disk", "disk_cap_gib",
-               "server"}
+               "model_roots"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")

@@ -51,8 +51,9 @@ class Resolved:
 class ModelManager:
     """Owns the current LoadedModel; every app session goes through it."""
 
-    def __init__(self, hardware: Hardware | None = None) -> None:
+    def __init__(self, hardware: Hardware | None = None, allowed_roots: Sequence[Path] | None = None) -> None:
         self.hardware = hardware
+        self.allowed_roots = allowed_roots  # set: local model paths must lie in these folders (shared apps)
         self.current: LoadedModel | None = None
         self.settings: Settings | None = None
         self.status = "No model loaded."
@@ -63,7 +64,7 @@ class ModelManager:
     def resolve(self, settings: Settings) -> Resolved:
         """Validate settings into a preset, byte budgets and quantization settings (raises PipelineError)."""
         hardware = self.hardware or detect_hardware(settings.offload_dir)
-        preset = resolve_model(settings.model)
+        preset = resolve_model(settings.model, allowed_roots=self.allowed_roots)
         budgets = make_budgets(
             hardware, list(settings.gpu_gib), settings.cpu_gib, settings.disk, Path(settings.offload_dir),
             settings.disk_cap_gib,
