@@ -22,7 +22,7 @@ from pipeline.chat import ReplyStats
 from pipeline.errors import PipelineError
 from pipeline.params import GenerationParams
 from pipeline.presets import REPO_ROOT, list_presets, load_app_config
-from pipeline.preview import error_html, plan_html
+from pipeline.preview import chat_display, chat_raw, error_html, plan_html
 from pipeline.quantization import QuantSettings
 from pipeline.session import ModelManager, Settings
 
@@ -129,7 +129,7 @@ def model_messages(history: list[dict], system: str) -> list[dict[str, str]]:
     for m in history:
         if m.get("metadata") or m.get("role") not in ("user", "assistant"):
             continue
-        messages.append({"role": m["role"], "content": message_text(m.get("content"))})
+        messages.append({"role": m["role"], "content": chat_raw(message_text(m.get("content")))})
     return messages
 
 
@@ -143,7 +143,7 @@ def add_user_message(message: str, history: list[dict]) -> tuple[Any, Any]:
     if not message or not message.strip():
         gr.Warning("Type a message first.")
         return gr.skip(), gr.skip()  # leave the chat as it is (no re-render, nothing to answer)
-    return "", history + [{"role": "user", "content": message}]
+    return "", history + [{"role": "user", "content": chat_display(message)}]
 
 
 def respond(history: list[dict], system: str, *gen: Any, request: gr.Request = None):
@@ -155,15 +155,18 @@ def respond(history: list[dict], system: str, *gen: Any, request: gr.Request = N
     cancel.clear()
     history = history + [{"role": "assistant", "content": ""}]
     stats = ReplyStats()
+    reply = ""
     try:
         params = generation_params(*gen)
         for piece in manager.stream(model_messages(history[:-1], system), params, cancel=cancel, stats=stats):
-            history[-1]["content"] += piece
+            reply += piece
+            history[-1]["content"] = chat_display(reply)
             yield history
     except PipelineError as exc:
         if not history[-1]["content"]:
             history.pop()
-        history.append({"role": "assistant", "content": str(exc), "metadata": {"title": "Error", "status": "done"}})
+        history.append({"role": "assistant", "content": chat_display(str(exc)),
+                        "metadata": {"title": "Error", "status": "done"}})
         yield history
         return
     if not history[-1]["content"]:
@@ -188,7 +191,7 @@ def drop_last_reply(history: list[dict]) -> list[dict]:
 def undo(history: list[dict]) -> tuple[list[dict], str]:
     """Undo: remove the last exchange and put the user's message back in the box."""
     history = drop_last_reply(history)
-    text = message_text(history[-1]["content"]) if history else ""
+    text = chat_raw(message_text(history[-1]["content"])) if history else ""
     return history[:-1], text
 
 

@@ -6,6 +6,8 @@ Every piece of text that comes from outside (model names, error messages) is esc
 
 from __future__ import annotations
 
+import html
+import re
 from html import escape
 
 from .planning import Plan, device_label, format_bytes
@@ -68,3 +70,20 @@ def error_html(message: str, title: str = "Does not fit") -> str:
         f'<div style="font-weight:700;color:#dc2626">{escape(title)}</div>'
         f'<div class="plan-error">{escape(message)}</div></div>'
     )
+
+
+# Code spans and fences: their text is shown verbatim by the Markdown renderer already.
+_CODE = re.compile(r"(```.*?(?:```|$)|`[^`\n]*`)", re.S)
+
+
+def chat_display(text: str) -> str:
+    """Text as the chat shows it: HTML outside code is escaped, so `<script>` or `<img onerror=...>`
+    from a user or a model is displayed as text and never becomes markup."""
+    parts = _CODE.split(text)
+    return "".join(part if i % 2 else html.escape(part, quote=False) for i, part in enumerate(parts))
+
+
+def chat_raw(text: str) -> str:
+    """The inverse of chat_display: the text the model wrote or the user typed."""
+    parts = _CODE.split(text)
+    return "".join(part if i % 2 else html.unescape(part) for i, part in enumerate(parts))

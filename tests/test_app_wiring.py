@@ -90,3 +90,23 @@ def test_preview_escapes_html_in_model_names() -> None:
     values = ["demo", "<script>alert(1)</script>", "none", 6.0, "lm_head", "nf4", "auto", True, True, "", 1.0]
     html = app.preview(*values)
     assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["<script>alert(1)</script> & <b>bold</b>", "a &lt; b and `x < y` and\n```\nif a < b: pass\n```\n", "&amp;x", "``` <i>open"],
+)
+def test_chat_display_escapes_html_outside_code_and_round_trips(text: str) -> None:
+    from pipeline.preview import chat_display, chat_raw
+
+    shown = chat_display(text)
+    outside_code = shown.split("`")[0]
+    assert "<" not in outside_code and ">" not in outside_code
+    assert chat_raw(shown) == text
+
+
+def test_user_html_is_shown_as_text_and_the_model_sees_it_unchanged() -> None:
+    _, history = app.add_user_message("<img src=x onerror=alert(1)> hi", [])
+    assert history[0]["content"] == "&lt;img src=x onerror=alert(1)&gt; hi"
+    assert app.model_messages(history, "")[0]["content"] == "<img src=x onerror=alert(1)> hi"
+    assert app.undo(history + [{"role": "assistant", "content": "x"}])[1] == "<img src=x onerror=alert(1)> hi"

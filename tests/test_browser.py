@@ -90,3 +90,17 @@ def test_empty_message_shows_a_warning_not_an_error(page) -> None:
     page.wait_for_selector("text=Type a message first.", timeout=10_000)
     page.wait_for_timeout(1500)  # the (skipped) reply step has run by now
     assert page.locator('#chatbot [data-testid="user"]').count() == messages
+
+
+def test_html_in_a_message_is_shown_as_text_never_run(page) -> None:
+    attack = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script><b>bold?</b>'
+    page.fill("#message textarea", attack)
+    page.click("#send")
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length >= 2",
+                           timeout=60_000)
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.__xss") is None
+    user_messages = page.locator('#chatbot [data-testid="user"]')
+    shown = user_messages.nth(user_messages.count() - 1).inner_text()
+    assert attack in shown  # the markup is visible as typed
+    assert page.locator("#chatbot img[src='x'], #chatbot b:text('bold?')").count() == 0
