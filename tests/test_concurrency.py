@@ -1,0 +1,106 @@
+"""Several users at once, through gradio_client against a running app."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from app_server import running_app
+from conftest import save_checkpoint, tiny_llama_config
+
+NAMES = ["preset", "custom", "quant", "threshold", "skip", "four_bit", "compute", "double_quant", "disk", "offload_dir",
+         "cpu"]
+PROMPTS = [f"{word} and the earth" for word in
+           ("Hello", "In the beginning", "The quick brown fox", "Memory budgets", "darkness", "God", "fine", "sun")]
+
+
+def chat_args(message: str, max_new_tokens: int) -> list:
+    return [message, "", max_new_tokens, 0, 0.9, 50, 1.0, -1]  # greedy
+
+
+@pytest.fixture(scope="module")
+def endless_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A random model that never emits eos, so every reply runs to max_new_tokens (long, predictable streams)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = tiny_llama_config(len(tok), layers=4, hidden=256)
+    config.max_position_embeddings = 4096
+    path = save_checkpoint(config, tmp_path_factory.mktemp("endless"), tok)
+    generation = path / "generation_config.json"
+    import json
+
+    data = json.loads(generation.read_text())
+    data["eos_token_id"] = None
+    generation.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory, endless_model: Path):
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with running_app("--model", str(endless_model), log=log) as address:
+        yield address
+
+
+def client(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def test_eight_simultaneous_sessions_get_their_own_replies(url: str) -> None:
+    reference = {p: client(url).predict(*chat_args(p, 48), api_name="/chat") for p in PROMPTS}
+    assert len(set(reference.values())) == len(PROMPTS)  # distinct replies, so mixing would show
+
+    def session(prompt: str) -> tuple[str, list[str]]:
+        job = client(url).submit(*chat_args(prompt, 48), api_name="/chat")
+        updates = list(job)
+        return job.result(), updates
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = dict(zip(PROMPTS, pool.map(session, PROMPTS)))
+    for prompt, (final, updates) in results.items():
+        assert final == reference[prompt], f"the reply to {prompt!r} differs from the same prompt asked alone"
+        assert all(final.startswith(u) for u in updates if u), "a partial reply is not a prefix of the final one"
+
+
+def test_stop_in_one_session_does_not_stop_another(url: str) -> None:
+    a, b = client(url), client(url)
+    expected = a.predict(*chat_args(PROMPTS[1], 600), api_name="/chat")
+    long_a = a.submit(*chat_args(PROMPTS[0], 3000), api_name="/chat")
+    long_b = b.submit(*chat_args(PROMPTS[1], 600), api_name="/chat")
+    deadline = time.monotonic() + 60
+    while not long_a.outputs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    long_a.cancel()
+    assert long_b.result(timeout=120) == expected  # b ran to its end, unaffected
+    from gradio_client.utils import Status
+
+    assert long_a.status().code == Status.CANCELLED
+    partial = long_a.outputs()[-1] if long_a.outputs() else ""
+    assert len(partial) < len(expected) * 3  # a stopped early: 3000 tokens would be ~5x longer than b's 600
+
+
+def test_reload_mid_stream_ends_that_stream_cleanly(url: str, endless_model: Path) -> None:
+    from gradio_client.exceptions import AppError
+
+    streaming, admin = client(url), client(url)
+    job = streaming.submit(*chat_args(PROMPTS[2], 3000), api_name="/chat")
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.outputs(), "the stream never started"
+    settings = dict(zip(NAMES, ["demo", str(endless_model), "none", 6.0, "lm_head", "nf4", "auto", True, True, "",
+                                0.01]))
+    started = time.monotonic()
+    status, picture = admin.predict(*settings.values(), api_name="/load_model")
+    assert time.monotonic() - started < 60, "reload waited too long for the stream"
+    assert "disk" in picture  # the new plan (10 MiB of RAM) is what got loaded
+    with pytest.raises(AppError, match="stopped because the model is being reloaded"):
+        job.result(timeout=60)
+    assert len(job.outputs()) >= 1  # the user saw the partial reply before the message
+    assert admin.predict(*chat_args("Hello", 8), api_name="/chat")  # and the next message is answered
