@@ -14,7 +14,7 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,9 @@ def load_model(
                 source,
                 device_map=dict(plan.device_map),
                 dtype=plan.dtype,
-                quantization_config=quant.bnb_config(plan.dtype, offloaded=plan.offloaded and budgets.has_gpu),
+                quantization_config=replace(quant, skip_modules=plan.skip_modules).bnb_config(
+                    plan.dtype, offloaded=plan.offloaded and budgets.has_gpu
+                ),
                 offload_folder=str(offload_dir) if offload_dir else None,
                 use_safetensors=None if allow_pickle else True,
                 trust_remote_code=preset.trust_remote_code,

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,13 @@ from torch import nn
 from .budgets import Budgets, GiB
 from .errors import ConfigError, DoesNotFitError, ModelSourceError
 from .presets import Preset
-from .quantization import QuantSettings, special_dtypes
+from .quantization import (
+    CPU_4BIT_BLOCK_N,
+    QuantSettings,
+    cpu_4bit_unsupported,
+    quantized_weight_names,
+    special_dtypes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,7 @@ class Plan:
     no_split_modules: tuple[str, ...]
     summary: str
     notes: tuple[str, ...] = field(default=())
+    skip_modules: tuple[str, ...] = ()  # modules kept unquantized, as priced (the loader passes these to bnb)
 
     @property
     def offloaded(self) -> bool:
@@ -89,6 +96,7 @@ class Plan:
             "layers_per_device": {str(k): list(v) for k, v in self.layers_per_device.items()},
             "blocks": [{"name": b.name, "device": b.device, "bytes": b.bytes} for b in self.blocks],
             "no_split_modules": list(self.no_split_modules),
+            "skip_modules": list(self.skip_modules),
             "notes": list(self.notes),
         }
 
@@ -217,6 +225,22 @@ def plan_device_map(
     model = empty_model(config, trust_remote_code, dtype)
     no_split, note = no_split_classes(model, no_split_override)
     notes = [note] if note else []
+    if quant.enabled and not quantized_weight_names(model, quant):
+        linear = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"quantization {quant.mode!r} would change nothing in {model_name or 'this model'} "
+            f"(model type {getattr(config, 'model_type', '?')!r}): bitsandbytes converts only plain nn.Linear layers "
+            f"and this model's are {', '.join(linear) or 'none'} (or all are in the skip list "
+            f"{list(quant.skip_modules)}); choose quantization 'none'"
+        )
+    if not budgets.has_gpu:
+        unsupported = cpu_4bit_unsupported(model, quant)
+        if unsupported:
+            quant = replace(quant, skip_modules=quant.skip_modules + tuple(unsupported))
+            notes.append(
+                f"kept unquantized: {', '.join(unsupported[:4])}{' …' if len(unsupported) > 4 else ''} "
+                f"(bitsandbytes' CPU 4-bit kernel needs output sizes that are multiples of {CPU_4BIT_BLOCK_N})"
+            )
     full = compute_module_sizes(model, dtype=dtype)
     special = special_dtypes(model, quant)
     priced = compute_module_sizes(model, dtype=dtype, special_dtypes=special) if special else full
@@ -282,6 +306,7 @@ def plan_device_map(
         no_split_modules=no_split,
         summary=_summary(blocks, bytes_per_device, order),
         notes=tuple(notes),
+        skip_modules=quant.skip_modules if quant.enabled else (),
     )
 
 

@@ -111,3 +111,24 @@ def special_dtypes(model: nn.Module, settings: QuantSettings) -> dict[str, Any] 
 
     target = torch.int8 if settings.mode == "int8" else CustomDtype.INT4
     return {name: target for name in quantized_weight_names(model, settings)}
+
+
+# bitsandbytes' CPU 4-bit kernel (AVX512-bf16 path) packs weights in blocks of 32 output rows.
+CPU_4BIT_BLOCK_N = 32
+
+
+def cpu_4bit_unsupported(model: nn.Module, settings: QuantSettings) -> list[str]:
+    """Linear modules bitsandbytes cannot run in 4-bit on a CPU (out_features not a multiple of 32,
+    e.g. MoE routers and shared-expert gates); the planner keeps them unquantized."""
+    if settings.mode not in ("nf4", "fp4"):
+        return []
+    names = set(quantized_weight_names(model, settings))
+    modules = dict(model.named_modules())
+    bad = []
+    for weight in names:
+        module = modules[weight.removesuffix(".weight")]
+        out_features = getattr(module, "out_features", None) or module.weight.shape[0]
+        in_features = getattr(module, "in_features", None) or module.weight.shape[-1]
+        if out_features % CPU_4BIT_BLOCK_N or in_features % 2:
+            bad.append(weight.removesuffix(".weight"))
+    return sorted(bad)
