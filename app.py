@@ -53,6 +53,11 @@ def _quant_label(mode: str) -> str:
     return {"int8": "8-bit", "nf4": "4-bit", "fp4": "4-bit"}.get(mode, "none")
 
 
+# The model panel's inputs, in the order every settings event passes them (then one value per GPU).
+SETTING_NAMES = ("preset", "custom", "quant", "threshold", "skip", "four_bit", "compute", "double_quant", "disk",
+                 "offload_dir", "cpu")
+
+
 def make_settings(
     preset: str, custom: str, quant: str, threshold: float, skip: str, four_bit: str, compute: str,
     double_quant: bool, disk: bool, offload_dir: str, cpu_gib: float, *gpu_gib: float,
@@ -292,17 +297,22 @@ def build_app() -> gr.Blocks:
 
         def sync_with_loaded(*values: Any) -> list[Any]:
             """A new page shows the loaded model's settings, not the config defaults."""
-            values = list(values)
+            ui = dict(zip(SETTING_NAMES, values))
+            gpus = list(values[len(SETTING_NAMES):])
             loaded = manager.settings
             if loaded is not None:
-                values[0], values[1] = (loaded.model, "") if loaded.model in PRESETS else (values[0], loaded.model)
-                values[2] = _quant_label(manager.current.quant.mode if manager.current else "none")
-                values[8] = loaded.disk
+                if loaded.model in PRESETS:
+                    ui["preset"], ui["custom"] = loaded.model, ""
+                else:
+                    ui["custom"] = loaded.model
+                ui["quant"] = _quant_label(manager.current.quant.mode if manager.current else "none")
+                ui["disk"] = loaded.disk
                 if loaded.cpu_gib is not None:
-                    values[10] = round(float(loaded.cpu_gib), 2)
-                for i, gib in enumerate(loaded.gpu_gib[: len(gpu_sliders)]):
-                    values[11 + i] = round(float(gib), 2)
-            return [values[i] for i in (0, 1, 2, 8, 10)] + values[11:] + [preview(*values)]
+                    ui["cpu"] = round(float(loaded.cpu_gib), 2)
+                for i, gib in enumerate(loaded.gpu_gib[: len(gpus)]):
+                    gpus[i] = round(float(gib), 2)
+            all_values = [*ui.values(), *gpus]
+            return [ui["preset"], ui["custom"], ui["quant"], ui["disk"], ui["cpu"], *gpus, preview(*all_values)]
 
         demo.load(sync_with_loaded, settings_inputs, [*synced, plan_view], api_visibility="private",
                   show_progress="hidden")

@@ -77,9 +77,9 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
     if not offload_dir.is_absolute() and args.offload_dir is None:
         offload_dir = REPO_ROOT / offload_dir
     hardware = detect_hardware(offload_dir)
-    defaults = app_default_budgets(hardware, defaults, offload_dir)
-    gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in defaults.gpu]
-    cpu = args.cpu_memory if args.cpu_memory is not None else defaults.cpu / GiB
+    proposed = app_default_budgets(hardware, defaults, offload_dir)
+    gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in proposed.gpu]
+    cpu = args.cpu_memory if args.cpu_memory is not None else proposed.cpu / GiB
     budgets = make_budgets(hardware, gpu, cpu, args.disk, offload_dir, args.disk_cap)
     quant = QuantSettings(
         mode=args.quant or preset.quantization,
