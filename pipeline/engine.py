@@ -1,0 +1,458 @@
+"""Streamed offload engine: offloaded decoder layers run from a few reusable GPU slots.
+
+accelerate's hooks copy every offloaded weight to the GPU synchronously, tensor by tensor, from
+pageable memory, on every forward. This engine instead keeps each offloaded layer as one flat,
+pinned host buffer (allocated once at load) and copies it into one of a small set of GPU slots on
+a dedicated copy stream while earlier layers compute. CUDA events order the copies and the
+reuse of a slot: a slot is refilled only after the layer that used it has finished.
+
+Layers on disk are read from their safetensors files (memory-mapped by accelerate's loader) by a
+background thread into pinned staging buffers, ahead of need, and copied from there.
+
+The scheduling is device-agnostic: `CudaOps` drives real streams and events; `SyncOps` does the
+same work synchronously on the CPU, so the logic is unit-tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ALIGN = 256  # bytes: every tensor in a flat buffer starts on this boundary (safe for any dtype view)
+
+
+# --- device operations -------------------------------------------------------------------------
+
+
+class SyncOps:
+    """Synchronous stand-in for streams and events (CPU): copies happen at once, events are no-ops."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def device_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def event(self) -> Any:
+        return None
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any, done: Any) -> None:
+        dst.copy_(src)
+
+    def wait(self, event: Any) -> None:
+        """The compute stream waits for `event`."""
+
+    def record(self, event: Any) -> None:
+        """`event` marks the compute stream's current position."""
+
+    def host_wait(self, event: Any) -> None:
+        """The calling thread waits for `event`."""
+
+
+class CudaOps:
+    """Copies on a dedicated CUDA stream from pinned memory, ordered by events."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def device_buffer(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def event(self) -> torch.cuda.Event:
+        return torch.cuda.Event()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None, done: Any) -> None:
+        """Copy on the copy stream, after `after` (the slot's last reader), then record `done`."""
+        if after is not None:
+            self.stream.wait_event(after)
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+            done.record(self.stream)
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+    def record(self, event: torch.cuda.Event) -> None:
+        event.record(torch.cuda.current_stream(self.device))
+
+    def host_wait(self, event: torch.cuda.Event) -> None:
+        event.synchronize()
+
+
+# --- layers as flat buffers --------------------------------------------------------------------
+
+
+@dataclass
+class _Tensor:
+    module: nn.Module
+    name: str  # attribute name on `module`
+    is_param: bool
+    dtype: torch.dtype
+    shape: torch.Size
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class OffloadedLayer:
+    """One decoder layer's weights, laid out as one flat byte buffer."""
+
+    index: int  # position in the model's layer list
+    module: nn.Module
+    tier: str  # "cpu" or "disk"
+    tensors: list[_Tensor]
+    nbytes: int
+    read: Callable[[], Iterator[tuple[_Tensor, torch.Tensor]]] | None = None  # disk: yields source tensors
+    host: torch.Tensor | None = None  # cpu: the pinned flat buffer
+
+    def fill(self, buffer: torch.Tensor) -> None:
+        """Write this layer's bytes into a flat host buffer."""
+        assert self.read is not None
+        for spec, value in self.read():
+            _flat_view(buffer, spec).copy_(value)
+
+    def bind(self, flat: torch.Tensor) -> None:
+        """Point the module's parameters at their bytes in `flat` (a slot): no copy, no allocation."""
+        for spec in self.tensors:
+            view = _flat_view(flat, spec)
+            if spec.is_param:
+                getattr(spec.module, spec.name).data = view
+            else:
+                setattr(spec.module, spec.name, view)
+
+
+def _flat_view(flat: torch.Tensor, spec: _Tensor) -> torch.Tensor:
+    return flat[spec.offset : spec.offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+
+
+def _layout(module: nn.Module) -> tuple[list[_Tensor], int]:
+    """Offsets of every parameter of `module` in a flat buffer, each aligned to ALIGN bytes.
+
+    Parameters keep the dtype the model was loaded in (they are meta tensors of that dtype here).
+    """
+    specs: list[_Tensor] = []
+    offset = 0
+    for full, (owner, name, is_param) in _named_tensors(module).items():
+        param = getattr(owner, name)
+        nbytes = param.numel() * param.element_size()
+        specs.append(_Tensor(owner, name, is_param, param.dtype, param.shape, offset, nbytes))
+        offset += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+    return specs, offset
+
+
+def _named_tensors(module: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
+    tensors: dict[str, tuple[nn.Module, str, bool]] = {}
+    for prefix, owner in module.named_modules():
+        for name, _ in owner.named_parameters(recurse=False):
+            tensors[f"{prefix}.{name}" if prefix else name] = (owner, name, True)
+    return tensors
+
+
+# --- the engine --------------------------------------------------------------------------------
+
+
+@dataclass
+class EngineStats:
+    copies: int = 0  # host -> slot copies issued
+    bytes_copied: int = 0
+    resyncs: int = 0  # the layer order broke (an interrupted forward) and the prefetch queue was rebuilt
+    disk_reads: int = 0
+
+
+@dataclass
+class _Slot:
+    buffer: torch.Tensor
+    ready: Any  # event: the copy into this slot is done
+    free: Any  # event: the layer that read this slot is done
+    layer: int | None = None  # position in the cycle of the layer it holds
+
+
+class _DiskStager:
+    """A thread that reads disk layers into pinned staging buffers ahead of need, in cycle order."""
+
+    def __init__(self, ops: Any, layers: list[OffloadedLayer], cycle: list[int], buffers: int) -> None:
+        self.ops = ops
+        self.layers = layers
+        self.order = [pos for pos in range(len(cycle)) if layers[pos].tier == "disk"]
+        size = max(layers[pos].nbytes for pos in self.order)
+        self.buffers = [ops.host_buffer(size) for _ in range(min(buffers, len(self.order)))]
+        self.released: list[Any] = [None] * len(self.buffers)  # event after which a buffer may be refilled
+        self.filled: dict[int, int] = {}  # cycle position -> buffer index
+        self.free = deque(range(len(self.buffers)))
+        self.next = 0  # index into self.order of the next layer to read
+        self.cond = threading.Condition()
+        self.error: BaseException | None = None
+        self.closed = False
+        self.reads = 0
+        self.thread = threading.Thread(target=self._run, name="offload-disk-reader", daemon=True)
+        self.thread.start()
+
+    def restart_at(self, pos: int) -> None:
+        """Forget staged layers and continue reading from cycle position `pos` (after a resync)."""
+        with self.cond:
+            for buffer in self.filled.values():
+                self.free.append(buffer)
+            self.filled.clear()
+            later = [i for i, p in enumerate(self.order) if p >= pos]
+            self.next = later[0] if later else 0
+            self.cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and not self.free:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                buffer = self.free.popleft()
+                pos = self.order[self.next]
+                self.next = (self.next + 1) % len(self.order)
+                released = self.released[buffer]
+            try:
+                if released is not None:
+                    self.ops.host_wait(released)  # the previous copy out of this buffer is done
+                self.layers[pos].fill(self.buffers[buffer])
+            except BaseException as exc:  # noqa: BLE001 - handed to the compute thread
+                with self.cond:
+                    self.error = exc
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                self.reads += 1
+                self.filled[pos] = buffer
+                self.cond.notify_all()
+
+    def give_back(self, buffer: int, after: Any) -> None:
+        with self.cond:
+            self.released[buffer] = after
+            self.free.append(buffer)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.thread.join(timeout=30)
+
+
+class OffloadEngine:
+    """Runs the offloaded layers of a model from `slots` reusable device buffers.
+
+    Each forward of an offloaded layer: the compute stream waits for the copy into its slot, the
+    layer's parameters are pointed at the slot, and after the layer the slot is refilled with the
+    layer `slots` positions later in the cyclic order of offloaded layers (so the next token's
+    first offloaded layers load while this token's last layers compute).
+    """
+
+    def __init__(self, layers: list[OffloadedLayer], ops: Any, slots: int = 2, disk_buffers: int = 2) -> None:
+        if not layers:
+            raise ValueError("no offloaded layers to run")
+        self.layers = sorted(layers, key=lambda layer: layer.index)
+        self.ops = ops
+        self.stats = EngineStats()
+        self.position = {id(layer.module): pos for pos, layer in enumerate(self.layers)}
+        size = max(layer.nbytes for layer in self.layers)
+        count = max(1, min(slots, len(self.layers)))
+        self.slots = [_Slot(ops.device_buffer(size), ops.event(), ops.event()) for _ in range(count)]
+        self.resident = len(self.layers) <= count  # every offloaded layer fits in a slot: copy once
+        cycle = list(range(len(self.layers)))
+        self.stager = (
+            _DiskStager(ops, self.layers, cycle, disk_buffers)
+            if any(layer.tier == "disk" for layer in self.layers) and not self.resident
+            else None
+        )
+        self.queue: deque[tuple[int, int]] = deque()  # (cycle position, slot index), in execution order
+        self.lock = threading.Lock()
+        self.handles: list[Any] = []
+        self._prime(0)
+        for layer in self.layers:
+            self.handles.append(layer.module.register_forward_pre_hook(self._before))
+            self.handles.append(layer.module.register_forward_hook(self._after))
+
+    # The queue holds the next `len(slots)` layers in cycle order, each in its slot.
+    def _prime(self, start: int) -> None:
+        self.queue.clear()
+        if self.stager is not None:
+            self.stager.restart_at(start)
+        for i, slot in enumerate(self.slots):
+            pos = (start + i) % len(self.layers)
+            self._load(pos, i)
+            self.queue.append((pos, i))
+
+    def _load(self, pos: int, slot_index: int) -> None:
+        layer, slot = self.layers[pos], self.slots[slot_index]
+        target = slot.buffer[: layer.nbytes]
+        if layer.tier == "disk" and self.stager is not None:
+            buffer_index = self._take_staged(pos)
+            source = self.stager.buffers[buffer_index][: layer.nbytes]
+            self.ops.copy(target, source, slot.free, slot.ready)
+            self.stager.give_back(buffer_index, slot.ready)
+            self.stats.disk_reads += 1
+        elif layer.tier == "disk":
+            staging = self.ops.host_buffer(layer.nbytes)  # resident mode: read once
+            layer.fill(staging)
+            self.ops.copy(target, staging, slot.free, slot.ready)
+            self.ops.host_wait(slot.ready)
+        else:
+            self.ops.copy(target, layer.host, slot.free, slot.ready)
+        slot.layer = pos
+        self.stats.copies += 1
+        self.stats.bytes_copied += layer.nbytes
+
+    def _take_staged(self, pos: int) -> int:
+        stager = self.stager
+        assert stager is not None
+        with stager.cond:
+            while pos not in stager.filled:
+                if stager.error is not None:
+                    raise RuntimeError(f"reading offloaded layer {self.layers[pos].index} from disk failed: "
+                                       f"{stager.error}") from stager.error
+                stager.cond.wait(timeout=1.0)
+            return stager.filled.pop(pos)
+
+    def _before(self, module: nn.Module, args: Any) -> None:
+        pos = self.position[id(module)]
+        with self.lock:
+            if not self.queue or self.queue[0][0] != pos:
+                # A forward was interrupted (exception, cancel) or started elsewhere: rebuild from here.
+                self.stats.resyncs += 1
+                self._prime(pos)
+            slot = self.slots[self.queue[0][1]]
+            self.ops.wait(slot.ready)
+            self.layers[pos].bind(slot.buffer)
+
+    def _after(self, module: nn.Module, args: Any, output: Any) -> None:
+        pos = self.position[id(module)]
+        with self.lock:
+            if not self.queue or self.queue[0][0] != pos:
+                return
+            _, slot_index = self.queue.popleft()
+            slot = self.slots[slot_index]
+            self.ops.record(slot.free)
+            if self.resident:
+                self.queue.append((pos, slot_index))  # stays loaded; next token uses it as is
+                return
+            last = self.queue[-1][0] if self.queue else pos
+            nxt = (last + 1) % len(self.layers)
+            self._load(nxt, slot_index)
+            self.queue.append((nxt, slot_index))
+
+    def close(self) -> None:
+        """Remove the hooks and free slots, pinned buffers and the disk reader."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+        for layer in self.layers:
+            layer.host = None
+        self.slots.clear()
+        self.queue.clear()
+
+
+# --- attaching to a model loaded with accelerate's hooks ---------------------------------------
+
+
+def _strip_hooks(module: nn.Module) -> None:
+    """Remove accelerate's hooks from a module tree without re-materializing offloaded weights."""
+    for sub in module.modules():
+        if hasattr(sub, "_old_forward"):
+            sub.forward = sub._old_forward
+            del sub._old_forward
+        if hasattr(sub, "_hf_hook"):
+            del sub._hf_hook
+
+
+def _accelerate_sources(layer: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
+    """For every parameter of an offloaded layer, a function returning its CPU value.
+
+    accelerate keeps offloaded weights in each leaf module's hook (`weights_map`): CPU tensors for
+    the cpu tier, lazily read safetensors/memmap slices for the disk tier.
+    """
+    sources: dict[str, Callable[[], torch.Tensor]] = {}
+    for prefix, owner in layer.named_modules():
+        hook = getattr(owner, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", [hook]) if hook is not None else []
+        weights = next((h.weights_map for h in hooks if getattr(h, "offload", False) and h.weights_map is not None),
+                       None)
+        for name, param in owner.named_parameters(recurse=False):
+            full = f"{prefix}.{name}" if prefix else name
+            if weights is not None:
+                sources[full] = (lambda w=weights, n=name: w[n])
+            else:  # not offloaded (already a real tensor)
+                sources[full] = (lambda p=param: p.data)
+    return sources
+
+
+def attach_engine(model: nn.Module, layer_prefix: str, device_map: dict[str, Any], compute_device: torch.device,
+                  slots: int = 2, ops: Any | None = None) -> OffloadEngine | None:
+    """Take over the offloaded decoder layers of a model dispatched by accelerate.
+
+    Layers mapped to "cpu" become pinned flat buffers (the CPU copies accelerate held are dropped);
+    layers mapped to "disk" are read ahead by a thread. Other modules keep accelerate's hooks.
+    Returns None when no decoder layer is offloaded.
+    """
+    layer_list = model.get_submodule(layer_prefix)
+    ops = ops or (CudaOps(compute_device) if compute_device.type == "cuda" else SyncOps(compute_device))
+    layers: list[OffloadedLayer] = []
+    for index, module in enumerate(layer_list):
+        tier = device_map.get(f"{layer_prefix}.{index}")
+        if tier not in ("cpu", "disk"):
+            continue
+        sources = _accelerate_sources(module)
+        specs, nbytes = _layout(module)
+        names = list(_named_tensors(module))
+
+        def read(sources=sources, specs=specs, names=names) -> Iterator[tuple[_Tensor, torch.Tensor]]:
+            for full, spec in zip(names, specs):
+                yield spec, sources[full]()
+
+        layer = OffloadedLayer(index, module, tier, specs, nbytes, read=read)
+        if tier == "cpu":
+            layer.host = ops.host_buffer(nbytes)
+            layer.fill(layer.host)
+            layer.read = None
+            _forget_cpu_weights(module)  # the pinned buffer is now the only host copy
+        for sub in module.modules():  # buffers (rare in layers) live on the compute device for good
+            for name, buf in list(sub.named_buffers(recurse=False)):
+                if buf is not None and buf.device.type != "meta":
+                    setattr(sub, name, buf.to(compute_device))
+        _strip_hooks(module)
+        for spec in specs:  # fresh parameters on the compute device (meta ones cannot take its tensors)
+            if spec.is_param:
+                empty = torch.empty(0, dtype=spec.dtype, device=compute_device)
+                spec.module._parameters[spec.name] = nn.Parameter(empty, requires_grad=False)
+        layers.append(layer)
+    if not layers:
+        return None
+    return OffloadEngine(layers, ops, slots=slots)
+
+
+def _forget_cpu_weights(layer: nn.Module) -> None:
+    """Drop accelerate's CPU copies of a layer's weights (its loader's state dict holds the only reference)."""
+    for owner in layer.modules():
+        hook = getattr(owner, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]) if hook is not None else []:
+            weights = getattr(h, "weights_map", None)
+            state = getattr(getattr(weights, "dataset", None), "state_dict", None)
+            prefix = getattr(weights, "prefix", None)
+            if isinstance(state, dict) and prefix is not None:
+                for name, _ in owner.named_parameters(recurse=False):
+                    state.pop(f"{prefix}{name}", None)
