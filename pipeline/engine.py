@@ -402,19 +402,22 @@ def _accelerate_sources(layer: nn.Module) -> dict[str, Callable[[], torch.Tensor
 
 
 def attach_engine(model: nn.Module, layer_prefix: str, device_map: dict[str, Any], compute_device: torch.device,
-                  slots: int = 2, ops: Any | None = None) -> OffloadEngine | None:
+                  slots: int = 2, ops: Any | None = None, tiers: tuple[str, ...] | None = None
+                  ) -> OffloadEngine | None:
     """Take over the offloaded decoder layers of a model dispatched by accelerate.
 
-    Layers mapped to "cpu" become pinned flat buffers (the CPU copies accelerate held are dropped);
-    layers mapped to "disk" are read ahead by a thread. Other modules keep accelerate's hooks.
-    Returns None when no decoder layer is offloaded.
+    Offloaded means "cpu" and "disk" when a GPU computes, only "disk" when the CPU does (`tiers`
+    overrides that, for tests). Layers on "cpu" become pinned flat buffers (the CPU copies
+    accelerate held are dropped); layers on "disk" are read ahead by a thread. Other modules keep
+    accelerate's hooks. Returns None when no decoder layer is offloaded.
     """
+    tiers = tiers or (("cpu", "disk") if compute_device.type != "cpu" else ("disk",))
     layer_list = model.get_submodule(layer_prefix)
     ops = ops or (CudaOps(compute_device) if compute_device.type == "cuda" else SyncOps(compute_device))
     layers: list[OffloadedLayer] = []
     for index, module in enumerate(layer_list):
         tier = device_map.get(f"{layer_prefix}.{index}")
-        if tier not in ("cpu", "disk"):
+        if tier not in tiers:
             continue
         sources = _accelerate_sources(module)
         specs, nbytes = _layout(module)

@@ -16,12 +16,12 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from .budgets import Budgets
-from .errors import LoadError, ModelSourceError, PipelineError
+from .errors import ConfigError, LoadError, ModelSourceError, PipelineError
 from .planning import Plan, load_model_config, plan_device_map, resolve_dtype
 from .presets import Preset
 from .quantization import QuantSettings
@@ -48,6 +48,7 @@ class LoadedModel:
     offload_dir: Path | None
     load_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
+    engine: Any = None  # the OffloadEngine running offloaded layers, or None (accelerate's hooks or none)
 
     @property
     def loaded(self) -> bool:
@@ -64,9 +65,24 @@ class Prepared:
     plan: Plan
     quant: QuantSettings
     config: Any  # the model's PretrainedConfig
+    engine: bool = False  # run offloaded layers with the offload engine (else accelerate's hooks)
 
 
-def prepare(preset: Preset, budgets: Budgets, quant: QuantSettings | None = None) -> Prepared:
+ENGINE_SLOTS = 2  # GPU slots of the offload engine: one layer computes while the next one arrives
+Engine = Literal["auto", "engine", "accelerate"]
+ENGINES: tuple[str, ...] = ("auto", "engine", "accelerate")
+
+
+def uses_engine(engine: str, budgets: Budgets) -> bool:
+    """The offload engine runs offloaded layers when a CUDA GPU computes ("auto"), or when asked for."""
+    if engine not in ENGINES:
+        raise ConfigError(f"offload={engine!r}; accepted: {list(ENGINES)}")
+    return engine == "engine" or (engine == "auto" and budgets.has_gpu and torch.cuda.is_available())
+
+
+def prepare(
+    preset: Preset, budgets: Budgets, quant: QuantSettings | None = None, engine: Engine = "auto"
+) -> Prepared:
     """Plan a preset under budgets without loading anything but its config.json."""
     quant = quant or QuantSettings(mode=preset.quantization, skip_modules=preset.int8_skip_modules)
     config = load_model_config(preset)
@@ -79,8 +95,9 @@ def prepare(preset: Preset, budgets: Budgets, quant: QuantSettings | None = None
         model_name=preset.display_name,
         no_split_override=preset.no_split_modules,
         trust_remote_code=preset.trust_remote_code,
+        offload_slots=ENGINE_SLOTS if uses_engine(engine, budgets) and budgets.has_gpu else 1,
     )
-    return Prepared(plan, quant, config)
+    return Prepared(plan, quant, config, uses_engine(engine, budgets))
 
 
 def load_model(
@@ -91,6 +108,7 @@ def load_model(
     progress: ProgressCallback | None = None,
     allow_pickle: bool | None = None,
     prepared: Prepared | None = None,
+    engine: Engine = "auto",
 ) -> LoadedModel:
     """Plan (unless `prepared` is given), then load weights into exactly that plan.
 
@@ -103,7 +121,7 @@ def load_model(
     report = progress or (lambda fraction, message: None)
     started = time.perf_counter()
     report(0.0, f"Planning {preset.display_name}")
-    prepared = prepared or prepare(preset, budgets, quant)
+    prepared = prepared or prepare(preset, budgets, quant, engine)
     plan, quant, config = prepared.plan, prepared.quant, prepared.config
     allow_pickle = preset.allow_pickle if allow_pickle is None else allow_pickle
     source = str(preset.local_path or preset.source)
@@ -143,6 +161,7 @@ def load_model(
                 trust_remote_code=preset.trust_remote_code,
             )
         model.eval()
+        offload_engine = _attach_engine(model, plan) if prepared.engine else None
     except PipelineError:
         _remove_dir(offload_dir)
         raise
@@ -177,13 +196,29 @@ def load_model(
         raise LoadError(f"loading {preset.source!r} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     context = _context_length(preset, config, tokenizer)
     report(1.0, f"Loaded {preset.display_name}")
-    return LoadedModel(preset, plan, quant, model, tokenizer, context, offload_dir, time.perf_counter() - started)
+    loaded = LoadedModel(preset, plan, quant, model, tokenizer, context, offload_dir, time.perf_counter() - started)
+    loaded.engine = offload_engine
+    return loaded
+
+
+def _attach_engine(model: Any, plan: Plan) -> Any:
+    from .engine import attach_engine
+    from .planning import layer_list
+
+    layers = layer_list(model)
+    if layers is None:
+        return None
+    return attach_engine(model, layers[0], plan.device_map, torch.device(plan.compute_device),
+                         slots=plan.offload_slots)
 
 
 def unload(loaded: LoadedModel) -> None:
     """Free the model's GPU and CPU memory and delete its offload folder. Safe to call twice."""
     with loaded.lock:
         model, loaded.model = loaded.model, None
+        if loaded.engine is not None:
+            loaded.engine.close()  # hooks, slots, pinned buffers, the disk reader thread
+            loaded.engine = None
         if model is not None:
             try:
                 from accelerate.hooks import remove_hook_from_submodules

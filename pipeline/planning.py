@@ -58,6 +58,7 @@ class Plan:
     summary: str
     notes: tuple[str, ...] = field(default=())
     skip_modules: tuple[str, ...] = ()  # modules kept unquantized, as priced (the loader passes these to bnb)
+    offload_slots: int = 1  # GPU slots reserved for offloaded layers (the engine's, or accelerate's one)
 
     @property
     def offloaded(self) -> bool:
@@ -212,9 +213,13 @@ def plan_device_map(
     model_name: str = "",
     no_split_override: tuple[str, ...] | None = None,
     trust_remote_code: bool = False,
+    offload_slots: int = 1,
 ) -> Plan:
     """Plan where every module of the model goes under the budgets.
 
+    `offload_slots` is how many offloaded layers the GPU holds at once while they run: 1 for
+    accelerate's hooks (accelerate reserves it), more for the offload engine, whose extra slots
+    are taken from the first GPU's budget.
     Raises DoesNotFitError when the model does not fit, even with disk.
     """
     from accelerate import infer_auto_device_map
@@ -259,16 +264,27 @@ def plan_device_map(
         return _normalize(model, dict(device_map))
 
     gpu_memory = {i: b for i, b in enumerate(budgets.gpu) if b > 0}
+    slot_reserve = max(0, offload_slots - 1) * _max_block(model, full) if gpu_memory else 0
+
+    def offloads(device_map: dict[str, Device]) -> bool:
+        return any(not isinstance(d, int) for d in device_map.values())
+
+    def minus(memory: dict[Device, int], amount: int) -> dict[Device, int]:
+        first = min(i for i in memory if isinstance(i, int))
+        return {**memory, first: max(0, memory[first] - amount)}
+
     if not quant.enabled:
         device_map = infer(budgets.max_memory(), None)
+        if slot_reserve and offloads(device_map):
+            device_map = infer(minus(budgets.max_memory(), slot_reserve), None)
         sizes = {k: full[k] for k in device_map}
     elif gpu_memory:
         # GPU modules are quantized; offloaded ones stay 16/32-bit, priced at full size.
         device_map = infer(gpu_memory, special)
-        if any(not isinstance(d, int) for d in device_map.values()):
-            # accelerate's hooks bring an offloaded block to the GPU unquantized: reserve its full size.
+        if offloads(device_map):
+            # Offloaded blocks come to the GPU unquantized: reserve their full size (and the extra slots).
             extra = _max_block(model, full) - _max_block(model, priced)
-            reduced = {i: max(0, b - extra) for i, b in gpu_memory.items()}
+            reduced = minus({i: max(0, b - extra) for i, b in gpu_memory.items()}, slot_reserve)
             device_map = infer(reduced, special)
         device_map = _refill_offloaded(device_map, full, budgets.cpu - _max_block(model, full), tied)
         sizes = {k: (priced[k] if isinstance(d, int) else full[k]) for k, d in device_map.items()}
@@ -307,6 +323,7 @@ def plan_device_map(
         summary=_summary(blocks, bytes_per_device, order),
         notes=tuple(notes),
         skip_modules=quant.skip_modules if quant.enabled else (),
+        offload_slots=offload_slots,
     )
 
 
