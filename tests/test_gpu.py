@@ -35,17 +35,21 @@ def gpu_budgets(tmp_path: Path, gpu: int, cpu: int, disk: bool = True) -> Budget
                    offload_dir=tmp_path / "offload")
 
 
+@pytest.mark.parametrize("offload", ["engine", "accelerate"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_gpu_cpu_disk_split_matches_gpu_only(arch: str, checkpoints, tmp_path: Path) -> None:  # noqa: F811
+def test_gpu_cpu_disk_split_matches_gpu_only(arch: str, offload: str, checkpoints, tmp_path: Path) -> None:  # noqa: F811
     preset = resolve_model(str(checkpoints[arch]))
     whole = load_model(preset, gpu_budgets(tmp_path, 4 * GiB, GiB, disk=False))
     assert set(whole.plan.device_map.values()) == {0}
     expected, total = greedy(whole), whole.plan.total_bytes
     unload(whole)
     # Half the bytes for the GPU and half for RAM: minus the reserved blocks, some layers reach disk.
-    split = load_model(preset, gpu_budgets(tmp_path, total // 2, total // 2))
+    split = load_model(preset, gpu_budgets(tmp_path, total // 2, total // 2), engine=offload)
     assert set(split.plan.device_map.values()) == {0, "cpu", "disk"}, split.plan.summary
     assert greedy(split) == expected, split.plan.summary
+    assert greedy(split) == expected  # a second reply: the engine's cycle wraps around
+    if offload == "engine" and (split.plan.layers_per_device.keys() & {"cpu", "disk"}):
+        assert split.engine is not None and split.engine.stats.copies > 0
     unload(split)
 
 
