@@ -57,7 +57,7 @@ def build_checkpoint(name: str, root: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = root / name
-    if (path / "config.json").exists():
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     shape = dict(SHAPES[name])
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)
@@ -68,6 +68,10 @@ def build_checkpoint(name: str, root: Path) -> Path:
         for p in model.parameters():
             p.normal_(0, 0.02)
     model.save_pretrained(path)
+    # load_model needs a tokenizer; the benchmark feeds token ids directly, so any one will do.
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "models" / "demo").save_pretrained(path)
     del model
     gc.collect()
     torch.cuda.empty_cache()
