@@ -7,7 +7,7 @@ does not depend on weight values), then loads each configuration through the pro
 and its share of the pinned-memory bandwidth measured at the start of the same run.
 
 Usage (on a CUDA machine):
-    python bench/offload.py --models bloom-3b --out bench/results.json
+    python bench/offload.py --models bloom-3b --tokens 8 --out bench/results-DATE-MACHINE.json
 """
 
 from __future__ import annotations

@@ -62,12 +62,14 @@ def test_quantized_gpu_cpu_split_generates(mode: str, tokenizer_dir: Path, tmp_p
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    # 8 layers of hidden 128: wide enough a window of GPU budgets for a GPU + CPU split.
-    path = save_checkpoint(tiny_llama_config(len(tok), layers=8, hidden=128), tmp_path / "llama8", tok)
+    # 16 layers of hidden 128: a wide enough window of GPU budgets for a GPU + CPU split, even with
+    # the engine's two full-size slots reserved next to the quantized layers.
+    path = save_checkpoint(tiny_llama_config(len(tok), layers=16, hidden=128), tmp_path / "llama16", tok)
     preset = resolve_model(str(path))
-    # The smallest GPU budget that holds some quantized layers while others stay in RAM.
-    budget = next(b for g in range(20_000, 3_000_000, 5_000)
-                  if {0, "cpu"} <= set(prepare(preset, b := gpu_budgets(tmp_path, g, GiB),
+    total = 4_809_024  # bytes in float16
+    # The smallest GPU budget (in twentieths of the model) that holds quantized layers while others stay in RAM.
+    budget = next(b for f in range(1, 40)
+                  if {0, "cpu"} <= set(prepare(preset, b := gpu_budgets(tmp_path, f * total // 20, GiB),
                                                QuantSettings(mode)).plan.layers_per_device))
     loaded = load_model(preset, budget, QuantSettings(mode))
     assert {0, "cpu"} <= set(loaded.plan.layers_per_device), loaded.plan.summary
@@ -92,7 +94,7 @@ def test_demo_model_streams_on_gpu_and_unload_frees_gpu_memory(demo_dir: Path, t
     assert expected.text and expected.stats.new_tokens > 0
     unload(whole)
     assert torch.cuda.memory_allocated(0) <= baseline + 1024**2
-    split = load_model(resolve_model("demo"), gpu_budgets(tmp_path, 6 * 1024**2, 5 * 1024**2))
+    split = load_model(resolve_model("demo"), gpu_budgets(tmp_path, 8 * 1024**2, 5 * 1024**2))
     assert set(split.plan.layers_per_device) == {0, "cpu", "disk"}, split.plan.summary
     assert chat(split, hello, params).text == expected.text
     unload(split)
