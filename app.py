@@ -103,7 +103,8 @@ def status_markdown() -> str:
     return (
         f"**{info['model']}** · {info['dtype']} · quantization **{info['quantization']}** · "
         f"context {info['context_length']} tokens  \n"
-        f"Placement: {info['placement']}  \nPlanned: {info['memory']}  \nIn use: {info['in_use']}  \n{info['status']}"
+        f"Placement: {info['placement']}{' (offloaded layers run with the ' + info['offload'] + ')' if info['offload'] else ''}"
+        f"  \nPlanned: {info['memory']}  \nIn use: {info['in_use']}  \n{info['status']}"
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from .budgets import GiB, app_default_budgets, detect_hardware, make_budgets
 from .chat import ReplyStats, stream_chat
 from .errors import PipelineError
-from .loading import load_model, prepare, unload
+from .loading import ENGINES, load_model, prepare, unload
 from .params import GenerationParams
 from .presets import QUANTIZATIONS, REPO_ROOT, list_presets, load_app_config, resolve_model
 from .quantization import QuantSettings
@@ -38,6 +38,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     quant.add_argument("--int8-threshold", type=float, default=6.0)
     quant.add_argument("--skip-modules", default=None, help="comma-separated modules kept unquantized (default: lm_head)")
     quant.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (pickle can run code)")
+    parser.add_argument("--offload", choices=ENGINES, default="auto",
+                        help="how offloaded layers run: the streamed offload engine (auto: when a CUDA GPU computes) "
+                             "or accelerate's hooks")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--prompt", default=None, help="one message to answer; without it, an interactive chat")
     gen.add_argument("--system", default=None, help="system prompt")
@@ -86,12 +89,12 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
         int8_threshold=args.int8_threshold,
         skip_modules=args.skip_modules if args.skip_modules is not None else preset.int8_skip_modules,
     )
-    prepared = prepare(preset, budgets, quant)
+    prepared = prepare(preset, budgets, quant, args.offload)
     plan = prepared.plan
     if args.plan_only:
-        print(plan.to_json() if args.json else _plan_text(plan))
+        print(plan.to_json() if args.json else _plan_text(plan, prepared.engine))
         return 0
-    print(_plan_text(plan), flush=True)
+    print(_plan_text(plan, prepared.engine), flush=True)
     params = _params(args, preset.generation)
 
     interactive = sys.stderr.isatty()
@@ -160,8 +163,11 @@ def _params(args: argparse.Namespace, base: GenerationParams) -> GenerationParam
     return base.replace(**{k: v for k, v in changes.items() if v is not None})
 
 
-def _plan_text(plan) -> str:
-    lines = [f"plan: {plan.summary}", f"dtype: {str(plan.dtype).removeprefix('torch.')} · quantization: {plan.quantization}"]
+def _plan_text(plan, engine: bool) -> str:
+    offload = "offload engine" if engine else "accelerate hooks"
+    lines = [f"plan: {plan.summary}",
+             f"dtype: {str(plan.dtype).removeprefix('torch.')} · quantization: {plan.quantization}"
+             + (f" · offloaded layers run with the {offload}" if plan.offloaded else "")]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 

@@ -178,6 +178,7 @@ class ModelManager:
             "memory": memory,
             "summary": plan.summary,
             "context_length": loaded.context_length,
+            "offload": ("offload engine" if loaded.engine is not None else "accelerate hooks") if plan.offloaded else "",
         }
 
 
