@@ -28,6 +28,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 ALIGN = 256  # bytes: every tensor in a flat buffer starts on this boundary (safe for any dtype view)
+READ_THREADS = 4  # parallel copies out of memory-mapped safetensors into pinned staging
 
 
 # --- device operations -------------------------------------------------------------------------
@@ -95,6 +96,40 @@ class CudaOps:
         event.synchronize()
 
 
+# --- reading offloaded weights straight from safetensors files ------------------------------------
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """A safetensors file memory-mapped once, its header parsed once: tensors are views, not reads.
+
+    Copying such a view into a pinned buffer is the only copy (accelerate's loader opens the file,
+    copies the tensor out, and converts it, for every tensor on every forward).
+    """
+
+    def __init__(self, path: str) -> None:
+        import json
+
+        import numpy as np
+
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(size))
+        self.base = 8 + size
+        self.map = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, file untouched
+
+    def tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        start, end = info["data_offsets"]
+        raw = torch.from_numpy(self.map[self.base + start : self.base + end])
+        return raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
+
+
 # --- layers as flat buffers --------------------------------------------------------------------
 
 
@@ -121,11 +156,19 @@ class OffloadedLayer:
     read: Callable[[], Iterator[tuple[_Tensor, torch.Tensor]]] | None = None  # disk: yields source tensors
     host: torch.Tensor | None = None  # cpu: the pinned flat buffer
 
-    def fill(self, buffer: torch.Tensor) -> None:
-        """Write this layer's bytes into a flat host buffer."""
+    def fill(self, buffer: torch.Tensor, pool: Any = None) -> None:
+        """Write this layer's bytes into a flat host buffer (tensors copied in parallel with `pool`).
+
+        Copies convert dtypes on the way (a bf16 checkpoint loaded in fp16) and release the GIL.
+        """
         assert self.read is not None
-        for spec, value in self.read():
-            _flat_view(buffer, spec).copy_(value)
+        copies = [(_flat_view(buffer, spec), value) for spec, value in self.read()]
+        if pool is None:
+            for target, value in copies:
+                target.copy_(value)
+            return
+        for future in [pool.submit(target.copy_, value) for target, value in copies]:
+            future.result()
 
     def bind(self, flat: torch.Tensor) -> None:
         """Point the module's parameters at their bytes in `flat` (a slot): no copy, no allocation."""
@@ -200,6 +243,9 @@ class _DiskStager:
         self.error: BaseException | None = None
         self.closed = False
         self.reads = 0
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="offload-disk-copy")
         self.thread = threading.Thread(target=self._run, name="offload-disk-reader", daemon=True)
         self.thread.start()
 
@@ -227,7 +273,7 @@ class _DiskStager:
             try:
                 if released is not None:
                     self.ops.host_wait(released)  # the previous copy out of this buffer is done
-                self.layers[pos].fill(self.buffers[buffer])
+                self.layers[pos].fill(self.buffers[buffer], self.pool)
             except BaseException as exc:  # noqa: BLE001 - handed to the compute thread
                 with self.cond:
                     self.error = exc
@@ -249,6 +295,7 @@ class _DiskStager:
             self.closed = True
             self.cond.notify_all()
         self.thread.join(timeout=30)
+        self.pool.shutdown(wait=True)
 
 
 class OffloadEngine:
@@ -380,11 +427,12 @@ def _strip_hooks(module: nn.Module) -> None:
             del sub._hf_hook
 
 
-def _accelerate_sources(layer: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
+def _accelerate_sources(layer: nn.Module, files: dict[str, SafetensorsFile]) -> dict[str, Callable[[], torch.Tensor]]:
     """For every parameter of an offloaded layer, a function returning its CPU value.
 
     accelerate keeps offloaded weights in each leaf module's hook (`weights_map`): CPU tensors for
-    the cpu tier, lazily read safetensors/memmap slices for the disk tier.
+    the cpu tier; for the disk tier an index pointing into the checkpoint's safetensors files,
+    which are read here directly through a memory map (`files` caches one per file).
     """
     sources: dict[str, Callable[[], torch.Tensor]] = {}
     for prefix, owner in layer.named_modules():
@@ -394,11 +442,28 @@ def _accelerate_sources(layer: nn.Module) -> dict[str, Callable[[], torch.Tensor
                        None)
         for name, param in owner.named_parameters(recurse=False):
             full = f"{prefix}.{name}" if prefix else name
-            if weights is not None:
-                sources[full] = (lambda w=weights, n=name: w[n])
-            else:  # not offloaded (already a real tensor)
+            if weights is None:  # not offloaded (already a real tensor)
                 sources[full] = (lambda p=param: p.data)
+                continue
+            entry = _index_entry(weights, name)
+            if entry is not None and entry.get("safetensors_file"):
+                path = entry["safetensors_file"]
+                if path not in files:
+                    files[path] = SafetensorsFile(path)
+                sources[full] = (lambda f=files[path], n=entry.get("weight_name"): f.tensor(n))
+            else:
+                sources[full] = (lambda w=weights, n=name: w[n])
     return sources
+
+
+def _index_entry(weights: Any, name: str) -> dict | None:
+    """accelerate's disk index entry for a parameter (None when it is held in memory)."""
+    dataset, prefix = getattr(weights, "dataset", None), getattr(weights, "prefix", "")
+    key = f"{prefix}{name}"
+    if dataset is None or key in getattr(dataset, "state_dict", {}):
+        return None
+    entry = getattr(dataset, "index", {}).get(key)
+    return entry if isinstance(entry, dict) and entry.get("weight_name") else None
 
 
 def attach_engine(model: nn.Module, layer_prefix: str, device_map: dict[str, Any], compute_device: torch.device,
@@ -415,11 +480,12 @@ def attach_engine(model: nn.Module, layer_prefix: str, device_map: dict[str, Any
     layer_list = model.get_submodule(layer_prefix)
     ops = ops or (CudaOps(compute_device) if compute_device.type == "cuda" else SyncOps(compute_device))
     layers: list[OffloadedLayer] = []
+    files: dict[str, SafetensorsFile] = {}
     for index, module in enumerate(layer_list):
         tier = device_map.get(f"{layer_prefix}.{index}")
         if tier not in tiers:
             continue
-        sources = _accelerate_sources(module)
+        sources = _accelerate_sources(module, files)
         specs, nbytes = _layout(module)
         names = list(_named_tensors(module))
 

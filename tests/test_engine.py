@@ -160,3 +160,18 @@ def test_planner_reserves_the_engine_slots_on_the_gpu() -> None:
     assert plan_device_map(config, budgets).layers_per_device[0] == (0, 1)
     two = plan_device_map(config, budgets, offload_slots=2)
     assert two.layers_per_device[0] == (0,) and two.offload_slots == 2  # one layer's room went to the 2nd slot
+
+
+def test_disk_layers_are_read_from_the_safetensors_map_not_accelerates_loader(
+        tiny_llama: Path, tmp_path: Path, expected, monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate.utils.offload import OffloadedWeightsLoader
+
+    loaded = load_model(resolve_model(str(tiny_llama)), Budgets((), 0, True, tmp_path / "off"), engine="engine")
+    calls: list[str] = []
+    original = OffloadedWeightsLoader.__getitem__
+    monkeypatch.setattr(OffloadedWeightsLoader, "__getitem__",
+                        lambda self, key: calls.append(key) or original(self, key))
+    assert greedy(loaded.model, loaded.tokenizer) == expected
+    assert not [k for k in calls if ".layers." in k]  # layer weights came through SafetensorsFile views
+    assert loaded.engine.stats.disk_reads > 0
+    unload(loaded)

@@ -176,3 +176,17 @@ def test_empty_model_is_on_meta_and_tied() -> None:
 def test_format_ranges() -> None:
     assert format_ranges([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8"
     assert format_ranges([]) == ""
+
+
+def test_two_gpus_fill_in_order_then_cpu_then_disk() -> None:
+    # GPU0: reserve + embeddings + 1 layer; GPU1 (no reserve: not the main device) 1 layer; CPU: reserve + 1.
+    plan = plan_device_map(tiny(), budgets(gpu=(LAYER + EMBED + LAYER, LAYER), cpu=LAYER + LAYER))
+    assert plan.layers_per_device == {0: (0,), 1: (1,), "cpu": (2,), "disk": (3,)}
+    assert plan.summary.startswith("GPU0: embeddings + lm_head + layer 0 (") and " · GPU1: layer 1 (" in plan.summary
+    assert plan.compute_device == "cuda:0" and plan.share()["GPU"] > 0.5
+    assert plan.device_map["lm_head"] == plan.device_map["model.embed_tokens"] == 0
+
+
+def test_an_unused_gpu_is_skipped() -> None:
+    plan = plan_device_map(tiny(), budgets(gpu=(0, 10 * TOTAL), cpu=0))
+    assert set(plan.bytes_per_device) == {1} and plan.compute_device == "cuda:1"
