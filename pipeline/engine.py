@@ -223,16 +223,15 @@ class _Slot:
     buffer: torch.Tensor
     ready: Any  # event: the copy into this slot is done
     free: Any  # event: the layer that read this slot is done
-    layer: int | None = None  # position in the cycle of the layer it holds
 
 
 class _DiskStager:
     """A thread that reads disk layers into pinned staging buffers ahead of need, in cycle order."""
 
-    def __init__(self, ops: Any, layers: list[OffloadedLayer], cycle: list[int], buffers: int) -> None:
+    def __init__(self, ops: Any, layers: list[OffloadedLayer], buffers: int) -> None:
         self.ops = ops
         self.layers = layers
-        self.order = [pos for pos in range(len(cycle)) if layers[pos].tier == "disk"]
+        self.order = [pos for pos, layer in enumerate(layers) if layer.tier == "disk"]
         size = max(layers[pos].nbytes for pos in self.order)
         self.buffers = [ops.host_buffer(size) for _ in range(min(buffers, len(self.order)))]
         self.released: list[Any] = [None] * len(self.buffers)  # event after which a buffer may be refilled
@@ -242,7 +241,7 @@ class _DiskStager:
         self.cond = threading.Condition()
         self.error: BaseException | None = None
         self.closed = False
-        self.reads = 0
+        self.generation = 0  # bumped by restart_at: a read started before it is stale
         from concurrent.futures import ThreadPoolExecutor
 
         self.pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="offload-disk-copy")
@@ -255,6 +254,7 @@ class _DiskStager:
             for buffer in self.filled.values():
                 self.free.append(buffer)
             self.filled.clear()
+            self.generation += 1
             later = [i for i, p in enumerate(self.order) if p >= pos]
             self.next = later[0] if later else 0
             self.cond.notify_all()
@@ -270,6 +270,7 @@ class _DiskStager:
                 pos = self.order[self.next]
                 self.next = (self.next + 1) % len(self.order)
                 released = self.released[buffer]
+                generation = self.generation
             try:
                 if released is not None:
                     self.ops.host_wait(released)  # the previous copy out of this buffer is done
@@ -280,8 +281,10 @@ class _DiskStager:
                     self.cond.notify_all()
                 return
             with self.cond:
-                self.reads += 1
-                self.filled[pos] = buffer
+                if generation == self.generation:
+                    self.filled[pos] = buffer
+                else:  # restarted while reading: the layer may no longer be next; the buffer is free again
+                    self.free.append(buffer)
                 self.cond.notify_all()
 
     def give_back(self, buffer: int, after: Any) -> None:
@@ -318,9 +321,8 @@ class OffloadEngine:
         count = max(1, min(slots, len(self.layers)))
         self.slots = [_Slot(ops.device_buffer(size), ops.event(), ops.event()) for _ in range(count)]
         self.resident = len(self.layers) <= count  # every offloaded layer fits in a slot: copy once
-        cycle = list(range(len(self.layers)))
         self.stager = (
-            _DiskStager(ops, self.layers, cycle, disk_buffers)
+            _DiskStager(ops, self.layers, disk_buffers)
             if any(layer.tier == "disk" for layer in self.layers) and not self.resident
             else None
         )
@@ -358,7 +360,6 @@ class OffloadEngine:
             self.ops.host_wait(slot.ready)
         else:
             self.ops.copy(target, layer.host, slot.free, slot.ready)
-        slot.layer = pos
         self.stats.copies += 1
         self.stats.bytes_copied += layer.nbytes
 
