@@ -1,13 +1,18 @@
 """Reload soak: 50 load/unload cycles with changing budgets and quantization.
 
 RSS must come back to its baseline within 5 %, every offload folder must be gone, and no thread
-may be left behind. Marked slow; it takes about a minute on the CI machine, so CI runs it.
+may be left behind. The cycles run in a fresh process, like the app's: inside the test runner the
+heap is shared with everything the earlier tests left, and its fragmentation alone moved RSS by
+about 5 % (while a fresh process stays within about 1-3 %). Marked slow; about 40 s, so CI runs it.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,13 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.budgets import GiB, Hardware
-from pipeline.params import GenerationParams
-from pipeline.quantization import QuantSettings
-from pipeline.session import ModelManager, Settings
-
 CYCLES = 50
 HELLO = [{"role": "user", "content": "And God said"}]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def rss() -> int:
@@ -29,9 +30,13 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-@pytest.mark.slow
-def test_fifty_reloads_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_path: Path) -> None:
-    offload = tmp_path / "offload"
+def soak(tiny_llama: Path, offload: Path) -> dict:
+    """The cycles themselves (run in a child process by the test)."""
+    from pipeline.budgets import GiB, Hardware
+    from pipeline.params import GenerationParams
+    from pipeline.quantization import QuantSettings
+    from pipeline.session import ModelManager, Settings
+
     variants = [
         Settings(model="demo", cpu_gib=1, disk=False, offload_dir=str(offload)),
         Settings(model="demo", cpu_gib=0.012, disk=True, offload_dir=str(offload)),  # cpu + disk
@@ -50,23 +55,39 @@ def test_fifty_reloads_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_
     baseline = rss()
     peak = 0
     started = time.perf_counter()
+    disk_plans = 0
     for cycle in range(CYCLES):
         loaded = manager.load(variants[cycle % len(variants)])
         assert "".join(manager.stream(HELLO, params))
         peak = max(peak, rss())
-        if cycle % len(variants) == 1:
-            assert "disk" in loaded.plan.layers_per_device
+        disk_plans += "disk" in loaded.plan.layers_per_device
     manager.current.unload()
     manager.current = None
     elapsed = time.perf_counter() - started
     time.sleep(0.2)
     after = rss()
-    leaked_threads = [t.name for t in threading.enumerate() if t.ident not in threads and t.is_alive()]
-    figures = {"cycles": CYCLES, "seconds": round(elapsed, 1), "baseline_rss_mib": round(baseline / 2**20, 1),
-               "peak_rss_mib": round(peak / 2**20, 1), "final_rss_mib": round(after / 2**20, 1),
-               "change_percent": round((after - baseline) / baseline * 100, 2)}
+    return {
+        "cycles": CYCLES, "seconds": round(elapsed, 1), "baseline_rss_mib": round(baseline / 2**20, 1),
+        "peak_rss_mib": round(peak / 2**20, 1), "final_rss_mib": round(after / 2**20, 1),
+        "change_percent": round((after - baseline) / baseline * 100, 2), "disk_plans": disk_plans,
+        "leaked_threads": [t.name for t in threading.enumerate() if t.ident not in threads and t.is_alive()],
+        "offload_left": sorted(p.name for p in offload.iterdir()) if offload.exists() else [],
+    }
+
+
+@pytest.mark.slow
+def test_fifty_reloads_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    result = subprocess.run([sys.executable, __file__, str(tiny_llama), str(tmp_path / "offload")],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
     print("soak:", json.dumps(figures))
-    Path(tmp_path / "soak.json").write_text(json.dumps(figures))
-    assert abs(after - baseline) <= 0.05 * baseline, figures
-    assert not leaked_threads, leaked_threads
-    assert not offload.exists() or list(offload.iterdir()) == []
+    assert abs(figures["change_percent"]) <= 5.0, figures
+    assert figures["disk_plans"] == 2 * CYCLES // 5  # the disk variants really used the disk
+    assert figures["leaked_threads"] == [], figures
+    assert figures["offload_left"] == [], figures
+
+
+if __name__ == "__main__":
+    print(json.dumps(soak(Path(sys.argv[1]), Path(sys.argv[2]))))
