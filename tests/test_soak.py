@@ -30,21 +30,29 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def soak(tiny_llama: Path, offload: Path) -> dict:
-    """The cycles themselves (run in a child process by the test)."""
-    from pipeline.budgets import GiB, Hardware
+def soak(tiny_llama: Path, offload: Path, gpu: bool = False) -> dict:
+    """The cycles themselves (run in a child process by the test). With `gpu`, the budgets give
+    GPU 0 a few MiB, so the demo model spreads over GPU, CPU and disk through the offload engine."""
+    import torch
+
+    from pipeline.budgets import GiB, Hardware, detect_hardware
     from pipeline.params import GenerationParams
     from pipeline.quantization import QuantSettings
     from pipeline.session import ModelManager, Settings
 
+    g = (0.008,) if gpu else ()  # 8 MiB of GPU: embeddings and a layer of the demo model in bf16
     variants = [
-        Settings(model="demo", cpu_gib=1, disk=False, offload_dir=str(offload)),
-        Settings(model="demo", cpu_gib=0.012, disk=True, offload_dir=str(offload)),  # cpu + disk
-        Settings(model=str(tiny_llama), cpu_gib=1, offload_dir=str(offload), quant=QuantSettings("int8")),
-        Settings(model=str(tiny_llama), cpu_gib=1, offload_dir=str(offload), quant=QuantSettings("nf4")),
-        Settings(model="demo", cpu_gib=0.0001, disk=True, offload_dir=str(offload)),  # all on disk
+        Settings(model="demo", gpu_gib=g, cpu_gib=1, disk=False, offload_dir=str(offload)),
+        Settings(model="demo", gpu_gib=g, cpu_gib=0.012, disk=True, offload_dir=str(offload)),  # cpu + disk
+        Settings(model=str(tiny_llama), gpu_gib=g, cpu_gib=1, offload_dir=str(offload), quant=QuantSettings("int8")),
+        Settings(model=str(tiny_llama), gpu_gib=g, cpu_gib=1, offload_dir=str(offload), quant=QuantSettings("nf4")),
+        Settings(model="demo", gpu_gib=g, cpu_gib=0.0001, disk=True, offload_dir=str(offload)),  # all on disk
     ]
-    manager = ModelManager(Hardware((), 23 * GiB, 20 * GiB, 50 * GiB))
+    manager = ModelManager(detect_hardware(offload) if gpu else Hardware((), 23 * GiB, 20 * GiB, 50 * GiB))
+
+    def gpu_allocated() -> int:
+        return torch.cuda.memory_allocated() if gpu else 0
+
     params = GenerationParams(temperature=0, max_new_tokens=4)
     for settings in variants * 2:  # warm-up, twice: imports, kernels, allocator arenas settle
         manager.load(settings)
@@ -52,7 +60,7 @@ def soak(tiny_llama: Path, offload: Path) -> dict:
     manager.current.unload()
     manager.current = None
     threads = {t.ident for t in threading.enumerate()}
-    baseline = rss()
+    baseline, gpu_baseline = rss(), gpu_allocated()
     peak = 0
     started = time.perf_counter()
     disk_plans = 0
@@ -65,8 +73,10 @@ def soak(tiny_llama: Path, offload: Path) -> dict:
     manager.current = None
     elapsed = time.perf_counter() - started
     time.sleep(0.2)
-    after = rss()
+    after, gpu_after = rss(), gpu_allocated()
     return {
+        "gpu_allocated_baseline_mib": round(gpu_baseline / 2**20, 1),
+        "gpu_allocated_final_mib": round(gpu_after / 2**20, 1),
         "cycles": CYCLES, "seconds": round(elapsed, 1), "baseline_rss_mib": round(baseline / 2**20, 1),
         "peak_rss_mib": round(peak / 2**20, 1), "final_rss_mib": round(after / 2**20, 1),
         "change_percent": round((after - baseline) / baseline * 100, 2), "disk_plans": disk_plans,
@@ -75,14 +85,29 @@ def soak(tiny_llama: Path, offload: Path) -> dict:
     }
 
 
-@pytest.mark.slow
-def test_fifty_reloads_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_path: Path) -> None:
+def run_child(tiny_llama: Path, offload: Path, *flags: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    result = subprocess.run([sys.executable, __file__, str(tiny_llama), str(tmp_path / "offload")],
+    result = subprocess.run([sys.executable, __file__, str(tiny_llama), str(offload), *flags],
                             capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     print("soak:", json.dumps(figures))
+    return figures
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fifty_reloads_on_the_gpu_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    figures = run_child(tiny_llama, tmp_path / "offload", "--gpu")
+    assert abs(figures["change_percent"]) <= 5.0, figures
+    base = figures["gpu_allocated_baseline_mib"]
+    assert abs(figures["gpu_allocated_final_mib"] - base) <= max(0.05 * base, 1.0), figures
+    assert figures["leaked_threads"] == [] and figures["offload_left"] == [], figures
+
+
+@pytest.mark.slow
+def test_fifty_reloads_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    figures = run_child(tiny_llama, tmp_path / "offload")
     assert abs(figures["change_percent"]) <= 5.0, figures
     assert figures["disk_plans"] == 2 * CYCLES // 5  # the disk variants really used the disk
     assert figures["leaked_threads"] == [], figures
@@ -90,4 +115,4 @@ def test_fifty_reloads_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_
 
 
 if __name__ == "__main__":
-    print(json.dumps(soak(Path(sys.argv[1]), Path(sys.argv[2]))))
+    print(json.dumps(soak(Path(sys.argv[1]), Path(sys.argv[2]), gpu="--gpu" in sys.argv[3:])))
