@@ -73,6 +73,11 @@ def make_settings(
     folder = Path((offload_dir or "").strip() or OFFLOAD_ROOT).expanduser()
     if not folder.is_absolute():
         folder = REPO_ROOT / folder
+    root = Path(OFFLOAD_ROOT).resolve()
+    if manager.allowed_roots is not None and not (folder.resolve() == root or root in folder.resolve().parents):
+        # A shared app writes offload files only under its own offload root.
+        raise PipelineError(f"offload folder {str(folder)!r} is outside {str(root)!r}, the only place this shared "
+                            "app writes offload files")
     return Settings(
         model=(custom or "").strip() or preset,
         gpu_gib=tuple(gpu_gib),
@@ -185,6 +190,15 @@ def respond(history: list[dict], system: str, *gen: Any, request: gr.Request = N
 
 def stop(request: gr.Request = None) -> None:
     _session_cancel(request).set()
+
+
+def forget_session(request: gr.Request = None) -> None:
+    """A closed page: drop its Stop event (and stop its reply, if one is streaming)."""
+    key = getattr(request, "session_hash", None)
+    with _cancels_lock:
+        event = _cancels.pop(key, None) if key else None
+    if event is not None:
+        event.set()
 
 
 def drop_last_reply(history: list[dict]) -> list[dict]:
@@ -335,6 +349,7 @@ def build_app() -> gr.Blocks:
         chatbot.undo(undo, chatbot, [chatbot, message], api_visibility="private")
         chatbot.clear(lambda: [], None, chatbot, api_visibility="private")
         gr.api(api_chat, api_name="chat")
+        demo.unload(forget_session)
     return demo
 
 

@@ -110,3 +110,24 @@ def test_user_html_is_shown_as_text_and_the_model_sees_it_unchanged() -> None:
     assert history[0]["content"] == "&lt;img src=x onerror=alert(1)&gt; hi"
     assert app.model_messages(history, "")[0]["content"] == "<img src=x onerror=alert(1)> hi"
     assert app.undo(history + [{"role": "assistant", "content": "x"}])[1] == "<img src=x onerror=alert(1)> hi"
+
+
+def test_shared_app_writes_offload_files_only_under_its_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pipeline.errors import PipelineError
+
+    values = ["demo", "", "none", 6.0, "lm_head", "nf4", "auto", True, True, str(tmp_path), 1.0]
+    assert app.make_settings(*values).offload_dir == str(tmp_path)  # a local app may use any folder
+    monkeypatch.setattr(app.manager, "allowed_roots", app.MODEL_ROOTS)  # as with --share or on a Space
+    with pytest.raises(PipelineError, match="outside .* the only place this shared app writes offload files"):
+        app.make_settings(*values)
+    values[9] = str(Path(app.OFFLOAD_ROOT) / "sub")
+    assert app.make_settings(*values).offload_dir.startswith(app.OFFLOAD_ROOT)
+
+
+def test_closing_a_page_stops_its_reply_and_forgets_it() -> None:
+    class Request:
+        session_hash = "page-1"
+
+    event = app._session_cancel(Request())
+    app.forget_session(Request())
+    assert event.is_set() and "page-1" not in app._cancels
