@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from conftest import make_tokenizer, save_checkpoint, tiny_llama_config  # noqa: E402
 from pipeline.budgets import Budgets  # noqa: E402
-from pipeline.engine import READ_THREADS, OffloadedLayer, SafetensorsFile, _accelerate_sources, _layout  # noqa: E402
+from pipeline.engine import READ_THREADS, OffloadedLayer, _accelerate_sources, _layout  # noqa: E402
 from pipeline.loading import load_model, unload  # noqa: E402
 from pipeline.presets import resolve_model  # noqa: E402
 
@@ -63,8 +63,6 @@ def main() -> None:
         return OffloadedLayer(1, layer_module, "disk", specs, nbytes, read=read)
 
     # accelerate's path: the hook's weights_map, as its hooks read it on every forward.
-    from pipeline.engine import _index_entry  # noqa: F401 - same module, for the reader below
-
     accelerate_sources = {}
     for prefix, owner in layer_module.named_modules():
         hook = getattr(owner, "_hf_hook", None)

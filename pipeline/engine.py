@@ -191,7 +191,7 @@ def _layout(module: nn.Module) -> tuple[list[_Tensor], int]:
     """
     specs: list[_Tensor] = []
     offset = 0
-    for full, (owner, name, is_param) in _named_tensors(module).items():
+    for owner, name, is_param in _named_tensors(module).values():
         param = getattr(owner, name)
         nbytes = param.numel() * param.element_size()
         specs.append(_Tensor(owner, name, is_param, param.dtype, param.shape, offset, nbytes))
@@ -339,7 +339,7 @@ class OffloadEngine:
         self.queue.clear()
         if self.stager is not None:
             self.stager.restart_at(start)
-        for i, slot in enumerate(self.slots):
+        for i in range(len(self.slots)):
             pos = (start + i) % len(self.layers)
             self._load(pos, i)
             self.queue.append((pos, i))

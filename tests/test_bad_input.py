@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from app_server import REPO, running_app
-from conftest import save_checkpoint, tiny_llama_config
 
 # /load_model inputs on a machine without GPUs (see tests/test_app.py).
 NAMES = ["preset", "custom", "quant", "threshold", "skip", "four_bit", "compute", "double_quant", "disk", "offload_dir",
