@@ -141,42 +141,40 @@ def build_prompt(tokenizer: Any, messages: Sequence[Message], context_length: in
         turns = turns[next_user:]
 
 
-class _CountingStreamer:
-    """TextIteratorStreamer that emits every token's text (not word by word), counts new tokens and
-    stamps the first one. Text ending in U+FFFD (a multi-byte character split across tokens) waits
-    for the next token."""
+def _counting_streamer(tokenizer: Any) -> Any:
+    """A TextIteratorStreamer that emits every token's text (not word by word), counts new tokens
+    and stamps the first one. Text ending in U+FFFD (a multi-byte character split across tokens)
+    waits for the next token. Defined here so transformers is imported only when chatting."""
+    from transformers import TextIteratorStreamer
 
-    def __new__(cls, tokenizer: Any, timeout: float | None) -> Any:
-        from transformers import TextIteratorStreamer
+    class CountingStreamer(TextIteratorStreamer):
+        def __init__(self) -> None:
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.new_tokens = 0
+            self.first_token_at: float | None = None
 
-        class Counting(TextIteratorStreamer):
-            def __init__(self) -> None:
-                super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
-                self.new_tokens = 0
-                self.first_token_at: float | None = None
+        def put(self, value: torch.Tensor) -> None:
+            if value.dim() > 1:
+                value = value[0]  # [batch=1, seq] -> [seq]
+            if self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            self.new_tokens += int(value.numel())
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.token_cache.extend(value.tolist())
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            if text.endswith("\ufffd"):
+                return
+            printable = text[self.print_len :]
+            if text.endswith("\n"):  # start a fresh cache: decoding stays O(line), not O(reply)
+                self.token_cache, self.print_len = [], 0
+            else:
+                self.print_len = len(text)
+            if printable:
+                self.on_finalized_text(printable)
 
-            def put(self, value: torch.Tensor) -> None:
-                if value.dim() > 1:
-                    value = value[0]  # [batch=1, seq] -> [seq]
-                if self.next_tokens_are_prompt:
-                    self.next_tokens_are_prompt = False
-                    return
-                self.new_tokens += int(value.numel())
-                if self.first_token_at is None:
-                    self.first_token_at = time.perf_counter()
-                self.token_cache.extend(value.tolist())
-                text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-                if text.endswith("\ufffd"):
-                    return
-                printable = text[self.print_len :]
-                if text.endswith("\n"):  # start a fresh cache: decoding stays O(line), not O(reply)
-                    self.token_cache, self.print_len = [], 0
-                else:
-                    self.print_len = len(text)
-                if printable:
-                    self.on_finalized_text(printable)
-
-        return Counting()
+    return CountingStreamer()
 
 
 def _holdback(text: str, stops: Sequence[str]) -> int:
@@ -223,7 +221,7 @@ def stream_chat(
             halt = stop_now.is_set() or cancel.is_set()
             return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
 
-    streamer = _CountingStreamer(loaded.tokenizer, timeout=None)
+    streamer = _counting_streamer(loaded.tokenizer)
     device = loaded.plan.compute_device
     input_ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)  # [1, prompt]
     tokenizer = loaded.tokenizer
