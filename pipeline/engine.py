@@ -287,6 +287,16 @@ class _DiskStager:
                     self.free.append(buffer)
                 self.cond.notify_all()
 
+    def take(self, pos: int, layer_index: int) -> int:
+        """Wait until cycle position `pos` is staged; returns its buffer index (give it back after the copy)."""
+        with self.cond:
+            while pos not in self.filled:
+                if self.error is not None:
+                    raise RuntimeError(f"reading offloaded layer {layer_index} from disk failed: "
+                                       f"{self.error}") from self.error
+                self.cond.wait(timeout=1.0)
+            return self.filled.pop(pos)
+
     def give_back(self, buffer: int, after: Any) -> None:
         with self.cond:
             self.released[buffer] = after
@@ -348,7 +358,7 @@ class OffloadEngine:
         layer, slot = self.layers[pos], self.slots[slot_index]
         target = slot.buffer[: layer.nbytes]
         if layer.tier == "disk" and self.stager is not None:
-            buffer_index = self._take_staged(pos)
+            buffer_index = self.stager.take(pos, self.layers[pos].index)
             source = self.stager.buffers[buffer_index][: layer.nbytes]
             self.ops.copy(target, source, slot.free, slot.ready)
             self.stager.give_back(buffer_index, slot.ready)
@@ -362,17 +372,6 @@ class OffloadEngine:
             self.ops.copy(target, layer.host, slot.free, slot.ready)
         self.stats.copies += 1
         self.stats.bytes_copied += layer.nbytes
-
-    def _take_staged(self, pos: int) -> int:
-        stager = self.stager
-        assert stager is not None
-        with stager.cond:
-            while pos not in stager.filled:
-                if stager.error is not None:
-                    raise RuntimeError(f"reading offloaded layer {self.layers[pos].index} from disk failed: "
-                                       f"{stager.error}") from stager.error
-                stager.cond.wait(timeout=1.0)
-            return stager.filled.pop(pos)
 
     def _before(self, module: nn.Module, args: Any) -> None:
         pos = self.position[id(module)]

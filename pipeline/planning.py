@@ -264,7 +264,8 @@ def plan_device_map(
         return _normalize(model, dict(device_map))
 
     gpu_memory = {i: b for i, b in enumerate(budgets.gpu) if b > 0}
-    slot_reserve = max(0, offload_slots - 1) * _max_block(model, full) if gpu_memory else 0
+    max_full = _max_block(model, full)  # the largest layer at its unquantized size
+    slot_reserve = max(0, offload_slots - 1) * max_full if gpu_memory else 0
 
     def offloads(device_map: dict[str, Device]) -> bool:
         return any(not isinstance(d, int) for d in device_map.values())
@@ -283,10 +284,10 @@ def plan_device_map(
         device_map = infer(gpu_memory, special)
         if offloads(device_map):
             # Offloaded blocks come to the GPU unquantized: reserve their full size (and the extra slots).
-            extra = _max_block(model, full) - _max_block(model, priced)
+            extra = max_full - _max_block(model, priced)
             reduced = minus({i: max(0, b - extra) for i, b in gpu_memory.items()}, slot_reserve)
             device_map = infer(reduced, special)
-        device_map = _refill_offloaded(device_map, full, budgets.cpu - _max_block(model, full), tied)
+        device_map = _refill_offloaded(device_map, full, budgets.cpu - max_full, tied)
         sizes = {k: (priced[k] if isinstance(d, int) else full[k]) for k, d in device_map.items()}
         if set(device_map.values()) & {"cpu", "disk"}:
             notes.append("modules offloaded to CPU/disk stay unquantized (bitsandbytes quantizes only GPU modules)")

@@ -92,6 +92,17 @@ def save_checkpoint(config, directory: Path, tokenizer=None, seed: int = 0, dtyp
     return directory
 
 
+PROMPT = "In the beginning God created"
+
+
+def greedy(loaded, n: int = 12) -> list[int]:
+    """Exactly `n` greedy tokens after PROMPT from a LoadedModel, on its compute device."""
+    ids = torch.tensor([loaded.tokenizer(PROMPT)["input_ids"]], device=loaded.plan.compute_device)
+    with torch.inference_mode():
+        out = loaded.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("tokenizer")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from app import SETTING_NAMES
 from app_server import running_app
 
 # /load_model inputs on a machine without GPUs: preset, custom model, quantization, 8-bit threshold,
@@ -24,11 +25,9 @@ def client(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path):
 
 
 def settings(**changes) -> list:
-    names = ["preset", "custom", "quant", "threshold", "skip", "four_bit", "compute", "double_quant", "disk",
-             "offload_dir", "cpu"]
-    values = dict(zip(names, BASE))
+    values = dict(zip(SETTING_NAMES, BASE))
     values.update(changes)
-    return [values[n] for n in names]
+    return [values[n] for n in SETTING_NAMES]
 
 
 def ask(client, message: str, **kwargs) -> list[str]:

@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import save_checkpoint
+from conftest import greedy, save_checkpoint
 from pipeline.budgets import Budgets, GiB
 from pipeline.errors import DoesNotFitError
 from pipeline.loading import load_model, prepare, unload
@@ -37,7 +36,6 @@ ARCHITECTURES = {
     "qwen2_moe": {**ATTN, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "num_experts": 4,
                   "num_experts_per_tok": 2},  # mixture of experts with a shared expert and its 1-wide gate
 }
-PROMPT = "In the beginning God created"
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +50,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -
     }
 
 
-def greedy(loaded, n: int = 8) -> list[int]:
-    ids = torch.tensor([loaded.tokenizer(PROMPT)["input_ids"]])
-    with torch.inference_mode():
-        out = loaded.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
-
-
 def budgets(tmp_path: Path, cpu: int, disk: bool = True) -> Budgets:
     return Budgets(gpu=(), cpu=cpu, disk=disk, offload_dir=tmp_path / "offload")
 
@@ -68,12 +59,12 @@ def test_splits_generate_the_same_tokens(arch: str, checkpoints: dict[str, Path]
     preset = resolve_model(str(checkpoints[arch]))
     whole = load_model(preset, budgets(tmp_path, GiB, disk=False))
     assert sorted(whole.plan.layers_per_device["cpu"]) == [0, 1, 2, 3]  # the layer list was found
-    expected, total = greedy(whole), whole.plan.total_bytes
+    expected, total = greedy(whole, n=8), whole.plan.total_bytes
     unload(whole)
     for cpu in (int(total * 0.7), 0):  # some layers on disk, then every layer on disk
         split = load_model(preset, budgets(tmp_path, cpu))
         assert "disk" in split.plan.layers_per_device, split.plan.summary
-        assert greedy(split) == expected, f"{arch}: {split.plan.summary}"
+        assert greedy(split, n=8) == expected, f"{arch}: {split.plan.summary}"
         unload(split)
 
 
@@ -90,9 +81,9 @@ def test_quantized_loads_generate(arch: str, mode: str, checkpoints: dict[str, P
     loaded = load_model(resolve_model(str(checkpoints[arch])), budgets(tmp_path, GiB, disk=False), QuantSettings(mode))
     kind = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
     assert any(isinstance(m, kind) for m in loaded.model.modules()), f"{arch}: nothing was quantized"
-    tokens = greedy(loaded)
+    tokens = greedy(loaded, n=8)
     assert len(tokens) == 8 and all(0 <= t < len(loaded.tokenizer) for t in tokens)
-    assert greedy(loaded) == tokens  # deterministic
+    assert greedy(loaded, n=8) == tokens  # deterministic
     unload(loaded)
 
 

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from app import SETTING_NAMES
 from app_server import REPO, running_app
 
 # /load_model inputs on a machine without GPUs (see tests/test_app.py).
-NAMES = ["preset", "custom", "quant", "threshold", "skip", "four_bit", "compute", "double_quant", "disk", "offload_dir",
-         "cpu"]
-BASE = dict(zip(NAMES, ["demo", "", "none", 6.0, "lm_head", "nf4", "auto", True, True, "", 1.0]))
+BASE = dict(zip(SETTING_NAMES, ["demo", "", "none", 6.0, "lm_head", "nf4", "auto", True, True, "", 1.0]))
 CHAT = dict(system="", max_new_tokens=16, temperature=0, top_p=0.9, top_k=50, repetition_penalty=1.0, seed=-1)
 
 
@@ -115,7 +114,7 @@ def test_bad_model_settings_in_the_app(client, broken, case, changes, message) -
     values = {**BASE, **{k: (str(broken[v[1:]]) if isinstance(v, str) and v.startswith("@") else v)
                          for k, v in changes.items()}}
     with pytest.raises((AppError, ValueError), match=message):
-        client.predict(*[values[n] for n in NAMES], api_name="/load_model")
+        client.predict(*[values[n] for n in SETTING_NAMES], api_name="/load_model")
     still_answers(client)
     assert repo_state() == before
     assert len(offload_leftovers()) <= 1  # at most the loaded model's own folder

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from app import SETTING_NAMES
 from app_server import running_app
 from conftest import save_checkpoint, tiny_llama_config
 
-NAMES = ["preset", "custom", "quant", "threshold", "skip", "four_bit", "compute", "double_quant", "disk", "offload_dir",
-         "cpu"]
 PROMPTS = [f"{word} and the earth" for word in
            ("Hello", "In the beginning", "The quick brown fox", "Memory budgets", "darkness", "God", "fine", "sun")]
 
@@ -94,7 +93,7 @@ def test_reload_mid_stream_ends_that_stream_cleanly(url: str, endless_model: Pat
     while not job.outputs() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert job.outputs(), "the stream never started"
-    settings = dict(zip(NAMES, ["demo", str(endless_model), "none", 6.0, "lm_head", "nf4", "auto", True, True, "",
+    settings = dict(zip(SETTING_NAMES, ["demo", str(endless_model), "none", 6.0, "lm_head", "nf4", "auto", True, True, "",
                                 0.01]))
     started = time.monotonic()
     status, picture = admin.predict(*settings.values(), api_name="/load_model")

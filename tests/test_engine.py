@@ -11,27 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import greedy
 from pipeline.budgets import Budgets, GiB
 from pipeline.engine import OffloadEngine, SyncOps, attach_engine
 from pipeline.loading import load_model, unload
 from pipeline.planning import layer_list, plan_device_map
 from pipeline.presets import resolve_model
 
-PROMPT = "In the beginning God created"
-
-
-def greedy(model, tokenizer, n: int = 12) -> list[int]:
-    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
 
 
 @pytest.fixture(scope="module")
 def expected(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> list[int]:
     loaded = load_model(resolve_model(str(tiny_llama)),
                         Budgets((), GiB, False, tmp_path_factory.mktemp("off")), engine="accelerate")
-    tokens = greedy(loaded.model, loaded.tokenizer)
+    tokens = greedy(loaded)
     unload(loaded)
     return tokens
 
@@ -77,8 +70,8 @@ def test_disk_layers_through_the_engine_match(slots: int, tiny_llama: Path, tmp_
     engine = attach_engine(loaded.model, layer_list(loaded.model)[0], loaded.plan.device_map, torch.device("cpu"),
                            slots=slots)
     loaded.engine = engine
-    assert greedy(loaded.model, loaded.tokenizer) == expected
-    assert greedy(loaded.model, loaded.tokenizer) == expected  # and again: the cycle wraps across replies
+    assert greedy(loaded) == expected
+    assert greedy(loaded) == expected  # and again: the cycle wraps across replies
     if slots >= 4:  # all 4 layers fit in slots: loaded once, never copied again
         assert engine.resident and engine.stats.copies == 4
     else:
@@ -90,7 +83,7 @@ def test_disk_layers_through_the_engine_match(slots: int, tiny_llama: Path, tmp_
 def test_load_model_with_the_engine_and_unload(tiny_llama: Path, tmp_path: Path, expected) -> None:
     loaded = load_model(resolve_model(str(tiny_llama)), Budgets((), 300_000, True, tmp_path / "off"), engine="engine")
     assert loaded.engine is not None and "disk" in loaded.plan.layers_per_device
-    assert greedy(loaded.model, loaded.tokenizer) == expected
+    assert greedy(loaded) == expected
     unload(loaded)
     assert loaded.engine is None
 
@@ -103,7 +96,7 @@ def test_cpu_tier_layers_become_flat_host_buffers(tiny_llama: Path, tmp_path: Pa
     engine = attach_engine(loaded.model, prefix, as_if_offloaded, torch.device("cpu"), slots=2, tiers=("cpu", "disk"))
     assert [layer.index for layer in engine.layers] == [1, 2, 3]
     assert all(layer.host is not None and layer.host.numel() == layer.nbytes for layer in engine.layers)
-    assert greedy(loaded.model, loaded.tokenizer) == expected
+    assert greedy(loaded) == expected
     engine.close()
     unload(loaded)
 
@@ -121,7 +114,7 @@ def test_copies_wait_for_the_slot_and_layers_wait_for_their_copy(tiny_llama: Pat
     ready = {ops.names[id(s.ready)]: i for i, s in enumerate(engine.slots)}
     free = {ops.names[id(s.free)]: i for i, s in enumerate(engine.slots)}
     ops.log.clear()
-    assert greedy(loaded.model, loaded.tokenizer, n=3) == expected[:3]
+    assert greedy(loaded, n=3) == expected[:3]
     assert ops.allocations == allocations  # nothing allocated per token
     last_free_record: dict[int, int] = {}
     for step, entry in enumerate(ops.log):
@@ -143,9 +136,9 @@ def test_an_interrupted_forward_resyncs(tiny_llama: Path, tmp_path: Path, expect
     layer2 = layer_list(loaded.model)[1][2]
     handle = layer2.register_forward_pre_hook(lambda module, args: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
-        greedy(loaded.model, loaded.tokenizer, n=2)
+        greedy(loaded, n=2)
     handle.remove()
-    assert greedy(loaded.model, loaded.tokenizer) == expected
+    assert greedy(loaded) == expected
     assert engine.stats.resyncs == 1
     unload(loaded)
 
@@ -171,7 +164,7 @@ def test_disk_layers_are_read_from_the_safetensors_map_not_accelerates_loader(
     original = OffloadedWeightsLoader.__getitem__
     monkeypatch.setattr(OffloadedWeightsLoader, "__getitem__",
                         lambda self, key: calls.append(key) or original(self, key))
-    assert greedy(loaded.model, loaded.tokenizer) == expected
+    assert greedy(loaded) == expected
     assert not [k for k in calls if ".layers." in k]  # layer weights came through SafetensorsFile views
     assert loaded.engine.stats.disk_reads > 0
     unload(loaded)

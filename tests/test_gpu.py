@@ -17,17 +17,10 @@ from pipeline.loading import load_model, prepare, unload
 from pipeline.params import GenerationParams
 from pipeline.presets import resolve_model
 from pipeline.quantization import QuantSettings
-from conftest import save_checkpoint, tiny_llama_config
-from test_architectures import ARCHITECTURES, PROMPT, checkpoints  # noqa: F401 - fixture reused
+from conftest import greedy, save_checkpoint, tiny_llama_config
+from test_architectures import ARCHITECTURES, checkpoints  # noqa: F401 - fixture reused
 
 pytestmark = pytest.mark.gpu
-
-
-def greedy(loaded, n: int = 8) -> list[int]:
-    ids = torch.tensor([loaded.tokenizer(PROMPT)["input_ids"]], device=loaded.plan.compute_device)
-    with torch.inference_mode():
-        out = loaded.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
 
 
 def gpu_budgets(tmp_path: Path, gpu: int, cpu: int, disk: bool = True) -> Budgets:
@@ -41,7 +34,7 @@ def test_gpu_cpu_disk_split_matches_gpu_only(arch: str, offload: str, checkpoint
     preset = resolve_model(str(checkpoints[arch]))
     whole = load_model(preset, gpu_budgets(tmp_path, 4 * GiB, GiB, disk=False))
     assert set(whole.plan.device_map.values()) == {0}
-    expected, total = greedy(whole), whole.plan.total_bytes
+    expected, total = greedy(whole, n=8), whole.plan.total_bytes
     unload(whole)
     # The smallest budgets (in steps of 1/16 of the model) that put layers on the GPU, in RAM and on disk.
     steps = [(g * total // 16, c * total // 16) for g in range(4, 16) for c in range(2, 12)]
@@ -49,8 +42,8 @@ def test_gpu_cpu_disk_split_matches_gpu_only(arch: str, offload: str, checkpoint
                   if {0, "cpu", "disk"} <= set(prepare(preset, b := gpu_budgets(tmp_path, g, c),
                                                        engine=offload).plan.layers_per_device))
     split = load_model(preset, budget, engine=offload)
-    assert greedy(split) == expected, split.plan.summary
-    assert greedy(split) == expected  # a second reply: the engine's cycle wraps around
+    assert greedy(split, n=8) == expected, split.plan.summary
+    assert greedy(split, n=8) == expected  # a second reply: the engine's cycle wraps around
     if offload == "engine" and (split.plan.layers_per_device.keys() & {"cpu", "disk"}):
         assert split.engine is not None and split.engine.stats.copies > 0
     unload(split)
@@ -76,7 +69,7 @@ def test_quantized_gpu_cpu_split_generates(mode: str, tokenizer_dir: Path, tmp_p
     kind = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
     first_gpu_layer = loaded.plan.layers_per_device[0][0]
     assert isinstance(loaded.model.model.layers[first_gpu_layer].mlp.down_proj, kind)
-    assert len(greedy(loaded)) == 8
+    assert len(greedy(loaded, n=8)) == 8
     unload(loaded)
 
 

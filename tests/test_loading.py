@@ -10,24 +10,12 @@ import psutil
 import pytest
 import torch
 
-from conftest import save_checkpoint, tiny_llama_config
+from conftest import greedy, save_checkpoint, tiny_llama_config
 from pipeline.budgets import GiB, Budgets
 from pipeline.errors import LoadError, ModelSourceError
 from pipeline.loading import load_model, unload
 from pipeline.presets import resolve_model
 from pipeline.quantization import QuantSettings
-
-PROMPT = "In the beginning God created"
-
-
-def greedy_tokens(loaded, n: int = 12) -> list[int]:
-    tok = loaded.tokenizer
-    ids = torch.tensor([tok(PROMPT)["input_ids"]])
-    with torch.inference_mode():
-        out = loaded.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                    pad_token_id=tok.pad_token_id or 0)
-    return out[0, ids.shape[1]:].tolist()
-
 
 def cpu_budgets(tmp_path: Path, cpu: int, disk: bool = True) -> Budgets:
     return Budgets(gpu=(), cpu=cpu, disk=disk, offload_dir=tmp_path / "offload")
@@ -38,13 +26,13 @@ def test_cpu_disk_split_matches_all_cpu(model: str, request: pytest.FixtureReque
     preset = resolve_model(str(request.getfixturevalue(model)))
     whole = load_model(preset, cpu_budgets(tmp_path, 8 * GiB, disk=False))
     assert set(whole.plan.device_map.values()) == {"cpu"}
-    expected = greedy_tokens(whole)
+    expected = greedy(whole)
     part = whole.plan.total_bytes * 3 // 4  # minus the one-layer reserve: some layers stay, the rest to disk
     unload(whole)
     split = load_model(preset, cpu_budgets(tmp_path, part))
     assert "disk" in split.plan.layers_per_device and "cpu" in split.plan.layers_per_device
     assert split.offload_dir is not None and split.offload_dir.is_dir()
-    assert greedy_tokens(split) == expected
+    assert greedy(split) == expected
     folder = split.offload_dir
     unload(split)
     assert not folder.exists()  # the per-model offload folder goes with the model
@@ -53,11 +41,11 @@ def test_cpu_disk_split_matches_all_cpu(model: str, request: pytest.FixtureReque
 def test_everything_on_disk_still_generates(tiny_llama: Path, tmp_path: Path) -> None:
     preset = resolve_model(str(tiny_llama))
     whole = load_model(preset, cpu_budgets(tmp_path, GiB, disk=False))
-    expected = greedy_tokens(whole)
+    expected = greedy(whole)
     unload(whole)
     disk = load_model(preset, cpu_budgets(tmp_path, 1000))  # ~nothing in RAM: every layer on disk
     assert set(disk.plan.layers_per_device) == {"disk"}
-    assert greedy_tokens(disk) == expected
+    assert greedy(disk) == expected
     unload(disk)
 
 
@@ -70,7 +58,7 @@ def test_bitsandbytes_on_cpu_quantizes_and_generates(mode: str, tiny_llama: Path
     expected = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
     assert isinstance(linear, expected)
     assert not isinstance(loaded.model.lm_head, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))  # skipped: lm_head
-    tokens = greedy_tokens(loaded, 6)
+    tokens = greedy(loaded, 6)
     assert len(tokens) == 6 and all(0 <= t < len(loaded.tokenizer) for t in tokens)
     unload(loaded)
 
@@ -81,7 +69,7 @@ def test_bf16_load_on_cpu(tiny_llama: Path, tmp_path: Path) -> None:
     preset = replace(resolve_model(str(tiny_llama)), dtype="bfloat16")
     loaded = load_model(preset, cpu_budgets(tmp_path, GiB, disk=False))
     assert loaded.model.dtype == torch.bfloat16
-    assert len(greedy_tokens(loaded, 4)) == 4
+    assert len(greedy(loaded, 4)) == 4
     unload(loaded)
 
 
@@ -102,7 +90,7 @@ def test_unload_returns_cpu_memory(tmp_path: Path, tokenizer_dir: Path) -> None:
     unload(load_model(preset, budgets))  # warm-up: imports, allocator arenas, kernels
     baseline = _rss()
     loaded = load_model(preset, budgets)
-    greedy_tokens(loaded, 2)
+    greedy(loaded, 2)
     size = loaded.plan.total_bytes
     assert size > 150 * 1024**2
     assert _rss() - baseline > 0.5 * size  # the weights really were in RAM
