@@ -20,10 +20,14 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .compress import linears_by_layer, quantize_layer
+from .quantization import QuantSettings
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +139,7 @@ class SafetensorsFile:
 
 @dataclass
 class _Tensor:
-    module: nn.Module
-    name: str  # attribute name on `module`
-    is_param: bool
+    targets: tuple[tuple[Any, str, bool], ...]  # (owner, attribute, is an nn.Parameter): where the view is bound
     dtype: torch.dtype
     shape: torch.Size
     offset: int
@@ -174,10 +176,11 @@ class OffloadedLayer:
         """Point the module's parameters at their bytes in `flat` (a slot): no copy, no allocation."""
         for spec in self.tensors:
             view = _flat_view(flat, spec)
-            if spec.is_param:
-                getattr(spec.module, spec.name).data = view
-            else:
-                setattr(spec.module, spec.name, view)
+            for owner, name, is_param in spec.targets:
+                if is_param:
+                    getattr(owner, name).data = view
+                else:
+                    setattr(owner, name, view)
 
 
 def _flat_view(flat: torch.Tensor, spec: _Tensor) -> torch.Tensor:
@@ -189,12 +192,17 @@ def _layout(module: nn.Module) -> tuple[list[_Tensor], int]:
 
     Parameters keep the dtype the model was loaded in (they are meta tensors of that dtype here).
     """
+    entries = [((target,), getattr(target[0], target[1])) for target in _named_tensors(module).values()]
+    return _pack(entries)
+
+
+def _pack(entries: list[tuple[tuple[tuple[Any, str, bool], ...], torch.Tensor]]) -> tuple[list[_Tensor], int]:
+    """Lay tensors (real or meta) out one after another, each aligned to ALIGN bytes."""
     specs: list[_Tensor] = []
     offset = 0
-    for owner, name, is_param in _named_tensors(module).values():
-        param = getattr(owner, name)
-        nbytes = param.numel() * param.element_size()
-        specs.append(_Tensor(owner, name, is_param, param.dtype, param.shape, offset, nbytes))
+    for targets, tensor in entries:
+        nbytes = tensor.numel() * tensor.element_size()
+        specs.append(_Tensor(targets, tensor.dtype, tensor.shape, offset, nbytes))
         offset += (nbytes + ALIGN - 1) // ALIGN * ALIGN
     return specs, offset
 
@@ -467,18 +475,25 @@ def _index_entry(weights: Any, name: str) -> dict | None:
 
 
 def attach_engine(model: nn.Module, layer_prefix: str, device_map: dict[str, Any], compute_device: torch.device,
-                  slots: int = 2, ops: Any | None = None, tiers: tuple[str, ...] | None = None
-                  ) -> OffloadEngine | None:
+                  slots: int = 2, ops: Any | None = None, tiers: tuple[str, ...] | None = None,
+                  quant: QuantSettings | None = None, cache_dir: Path | None = None) -> OffloadEngine | None:
     """Take over the offloaded decoder layers of a model dispatched by accelerate.
 
     Offloaded means "cpu" and "disk" when a GPU computes, only "disk" when the CPU does (`tiers`
     overrides that, for tests). Layers on "cpu" become pinned flat buffers (the CPU copies
     accelerate held are dropped); layers on "disk" are read ahead by a thread. Other modules keep
     accelerate's hooks. Returns None when no decoder layer is offloaded.
+
+    With `quant` enabled (compressed transfer), each offloaded layer's linear modules are quantized
+    on the compute device as transformers quantizes resident ones (see `pipeline.compress`): its
+    flat buffer holds the quantized bytes, and disk layers are rewritten quantized into `cache_dir`
+    (the model's offload folder), so RAM, disk reads and the link all carry the quantized form.
     """
     tiers = tiers or (("cpu", "disk") if compute_device.type != "cpu" else ("disk",))
     layer_list = model.get_submodule(layer_prefix)
     ops = ops or (CudaOps(compute_device) if compute_device.type == "cuda" else SyncOps(compute_device))
+    compressed = quant is not None and quant.enabled
+    convert = linears_by_layer(model, layer_prefix, quant) if compressed else {}
     layers: list[OffloadedLayer] = []
     files: dict[str, SafetensorsFile] = {}
     for index, module in enumerate(layer_list):
@@ -486,36 +501,82 @@ def attach_engine(model: nn.Module, layer_prefix: str, device_map: dict[str, Any
         if tier not in tiers:
             continue
         sources = _accelerate_sources(module, files)
-        specs, nbytes = _layout(module)
-        names = list(_named_tensors(module))
-
-        def read(sources=sources, specs=specs, names=names) -> Iterator[tuple[_Tensor, torch.Tensor]]:
-            for full, spec in zip(names, specs):
-                yield spec, sources[full]()
-
-        layer = OffloadedLayer(index, module, tier, specs, nbytes, read=read)
-        if tier == "cpu":
-            layer.host = ops.host_buffer(nbytes)
-            layer.fill(layer.host)
-            layer.read = None
-            _forget_cpu_weights(module)  # the pinned buffer is now the only host copy
+        held = _cpu_weight_keys(module)
+        if compressed:
+            layer = _quantized_layer(index, module, tier, convert.get(index, set()), sources, quant, compute_device,
+                                     ops, cache_dir)
+        else:
+            layer = _plain_layer(index, module, tier, sources, compute_device, ops)
+        for state, key in held:  # the pinned buffer (or the disk) now holds the only host copy
+            state.pop(key, None)
         for sub in module.modules():  # buffers (rare in layers) live on the compute device for good
             for name, buf in list(sub.named_buffers(recurse=False)):
                 if buf is not None and buf.device.type != "meta":
                     setattr(sub, name, buf.to(compute_device))
         _strip_hooks(module)
-        for spec in specs:  # fresh parameters on the compute device (meta ones cannot take its tensors)
-            if spec.is_param:
-                empty = torch.empty(0, dtype=spec.dtype, device=compute_device)
-                spec.module._parameters[spec.name] = nn.Parameter(empty, requires_grad=False)
         layers.append(layer)
     if not layers:
         return None
     return OffloadEngine(layers, ops, slots=slots)
 
 
-def _forget_cpu_weights(layer: nn.Module) -> None:
-    """Drop accelerate's CPU copies of a layer's weights (its loader's state dict holds the only reference)."""
+def _plain_layer(index: int, module: nn.Module, tier: str, sources: dict[str, Callable[[], torch.Tensor]],
+                 compute_device: torch.device, ops: Any) -> OffloadedLayer:
+    """A layer moved as loaded (16/32-bit): cpu layers copied once into pinned memory, disk layers read
+    from their safetensors files on every pass."""
+    specs, nbytes = _layout(module)
+    names = list(_named_tensors(module))
+
+    def read() -> Iterator[tuple[_Tensor, torch.Tensor]]:
+        for full, spec in zip(names, specs):
+            yield spec, sources[full]()
+
+    layer = OffloadedLayer(index, module, tier, specs, nbytes, read=read)
+    if tier == "cpu":
+        layer.host = ops.host_buffer(nbytes)
+        layer.fill(layer.host)
+        layer.read = None
+    for spec in specs:  # fresh parameters on the compute device (meta ones cannot take its tensors)
+        for owner, name, _ in spec.targets:
+            empty = torch.empty(0, dtype=spec.dtype, device=compute_device)
+            owner._parameters[name] = nn.Parameter(empty, requires_grad=False)
+    return layer
+
+
+def _quantized_layer(index: int, module: nn.Module, tier: str, convert: set[str],
+                     sources: dict[str, Callable[[], torch.Tensor]], quant: QuantSettings,
+                     compute_device: torch.device, ops: Any, cache_dir: Path | None) -> OffloadedLayer:
+    """A layer quantized once at load: cpu layers keep the quantized bytes pinned; disk layers are
+    written quantized to one file in `cache_dir` and read back from its memory map on every pass."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float16)
+    pieces = quantize_layer(module, convert, sources, quant, dtype, compute_device)
+    specs, nbytes = _pack([(piece.targets, piece.value) for piece in pieces])
+    layer = OffloadedLayer(index, module, tier, specs, nbytes)
+    host = ops.host_buffer(nbytes) if tier == "cpu" else torch.zeros(nbytes, dtype=torch.uint8)
+    for spec, piece in zip(specs, pieces):
+        _flat_view(host, spec).copy_(piece.value)
+    if tier == "cpu":
+        layer.host = host
+        return layer
+    if cache_dir is None:
+        raise ValueError(f"layer {index} is on disk: compressed transfer needs a folder for its quantized copy")
+    from safetensors.torch import save_file
+
+    path = Path(cache_dir) / f"layer-{index}.{quant.mode}.safetensors"
+    save_file({"flat": host}, str(path))
+    flat = SafetensorsFile(str(path)).tensor("flat")
+
+    def read() -> Iterator[tuple[_Tensor, torch.Tensor]]:
+        for spec in specs:
+            yield spec, _flat_view(flat, spec)
+
+    layer.read = read
+    return layer
+
+
+def _cpu_weight_keys(layer: nn.Module) -> list[tuple[dict, str]]:
+    """Where accelerate holds a layer's CPU weights (its loader's state dict holds the only reference)."""
+    keys = []
     for owner in layer.modules():
         hook = getattr(owner, "_hf_hook", None)
         for h in getattr(hook, "hooks", [hook]) if hook is not None else []:
@@ -523,5 +584,5 @@ def _forget_cpu_weights(layer: nn.Module) -> None:
             state = getattr(getattr(weights, "dataset", None), "state_dict", None)
             prefix = getattr(weights, "prefix", None)
             if isinstance(state, dict) and prefix is not None:
-                for name, _ in owner.named_parameters(recurse=False):
-                    state.pop(f"{prefix}{name}", None)
+                keys += [(state, f"{prefix}{name}") for name, _ in owner.named_parameters(recurse=False)]
+    return keys

@@ -87,6 +87,7 @@ def prepare(
     quant = quant or QuantSettings(mode=preset.quantization, skip_modules=preset.int8_skip_modules)
     config = load_model_config(preset)
     dtype = resolve_dtype(preset.dtype, config, budgets.has_gpu)
+    engine_on_gpu = uses_engine(engine, budgets) and budgets.has_gpu
     plan = plan_device_map(
         config,
         budgets,
@@ -95,7 +96,8 @@ def prepare(
         model_name=preset.display_name,
         no_split_override=preset.no_split_modules,
         trust_remote_code=preset.trust_remote_code,
-        offload_slots=ENGINE_SLOTS if uses_engine(engine, budgets) and budgets.has_gpu else 1,
+        offload_slots=ENGINE_SLOTS if engine_on_gpu else 1,
+        compressed_offload=engine_on_gpu and quant.enabled,
     )
     return Prepared(plan, quant, config, uses_engine(engine, budgets))
 
@@ -143,15 +145,16 @@ def load_model(
     if preset.chat_template:
         tokenizer.chat_template = preset.chat_template
 
+    device_map = _loader_map(plan, prepared.engine, preset, allow_pickle)
     offload_dir = None
-    if "disk" in plan.device_map.values():
+    if "disk" in device_map.values():
         offload_dir = _offload_folder(budgets.offload_dir, preset, plan, quant)
     try:
         report(0.1, f"Loading weights: {plan.summary}")
         with _weight_progress(lambda f: report(0.1 + 0.85 * f, "Loading weights")):
             model = AutoModelForCausalLM.from_pretrained(
                 source,
-                device_map=dict(plan.device_map),
+                device_map=device_map,
                 dtype=plan.dtype,
                 quantization_config=replace(quant, skip_modules=plan.skip_modules).bnb_config(
                     plan.dtype, offloaded=plan.offloaded and budgets.has_gpu
@@ -161,7 +164,7 @@ def load_model(
                 trust_remote_code=preset.trust_remote_code,
             )
         model.eval()
-        offload_engine = _attach_engine(model, plan) if prepared.engine else None
+        offload_engine = _attach_engine(model, plan, quant, offload_dir) if prepared.engine else None
     except PipelineError:
         _remove_dir(offload_dir)
         raise
@@ -201,7 +204,35 @@ def load_model(
     return loaded
 
 
-def _attach_engine(model: Any, plan: Plan) -> Any:
+def _loader_map(plan: Plan, engine: bool, preset: Preset, allow_pickle: bool) -> dict[str, Any]:
+    """The device map handed to transformers.
+
+    Decoder layers the engine will run from RAM are mapped to "disk" for transformers when the
+    checkpoint is safetensors: transformers then only indexes them in the checkpoint's files
+    (nothing is written), and the engine reads each layer from the memory-mapped file straight
+    into its pinned buffer (quantizing it first with compressed transfer). RAM never holds a
+    16/32-bit copy of the offloaded layers, so a plan priced at quantized size also holds while loading.
+    """
+    device_map = dict(plan.device_map)
+    if not (engine and plan.compute_device.startswith("cuda") and plan.layer_prefix):
+        return device_map
+    safetensors_only = not allow_pickle or (
+        preset.local_path is not None and any(preset.local_path.glob("*.safetensors"))
+    )
+    if not safetensors_only:
+        return device_map  # pickle checkpoints would be re-saved to the offload folder in full: load them to RAM
+    for key, device in device_map.items():
+        if device == "cpu" and _is_layer_key(key, plan.layer_prefix):
+            device_map[key] = "disk"
+    return device_map
+
+
+def _is_layer_key(key: str, prefix: str) -> bool:
+    rest = key.removeprefix(prefix + ".")
+    return rest != key and rest.isdigit()
+
+
+def _attach_engine(model: Any, plan: Plan, quant: QuantSettings, offload_dir: Path | None) -> Any:
     from .engine import attach_engine
     from .planning import layer_list
 
@@ -209,7 +240,8 @@ def _attach_engine(model: Any, plan: Plan) -> Any:
     if layers is None:
         return None
     return attach_engine(model, layers[0], plan.device_map, torch.device(plan.compute_device),
-                         slots=plan.offload_slots)
+                         slots=plan.offload_slots, quant=replace(quant, skip_modules=plan.skip_modules)
+                         if plan.compressed else None, cache_dir=offload_dir)
 
 
 def unload(loaded: LoadedModel) -> None:

@@ -59,6 +59,8 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     skip_modules: tuple[str, ...] = ()  # modules kept unquantized, as priced (the loader passes these to bnb)
     offload_slots: int = 1  # GPU slots reserved for offloaded layers (the engine's, or accelerate's one)
+    compressed: bool = False  # offloaded layers are kept and moved quantized (the engine's compressed transfer)
+    layer_prefix: str = ""  # the decoder layer list ("model.layers"), "" when the model has none
 
     @property
     def offloaded(self) -> bool:
@@ -99,6 +101,8 @@ class Plan:
             "no_split_modules": list(self.no_split_modules),
             "skip_modules": list(self.skip_modules),
             "notes": list(self.notes),
+            "offload_slots": self.offload_slots,
+            "compressed": self.compressed,
         }
 
     def to_json(self) -> str:
@@ -214,12 +218,14 @@ def plan_device_map(
     no_split_override: tuple[str, ...] | None = None,
     trust_remote_code: bool = False,
     offload_slots: int = 1,
+    compressed_offload: bool = False,
 ) -> Plan:
     """Plan where every module of the model goes under the budgets.
 
     `offload_slots` is how many offloaded layers the GPU holds at once while they run: 1 for
     accelerate's hooks (accelerate reserves it), more for the offload engine, whose extra slots
-    are taken from the first GPU's budget.
+    are taken from the first GPU's budget. `compressed_offload` (the engine with quantization on a
+    GPU) prices offloaded decoder layers at their quantized size in RAM, on disk and in the slots.
     Raises DoesNotFitError when the model does not fit, even with disk.
     """
     from accelerate import infer_auto_device_map
@@ -274,11 +280,27 @@ def plan_device_map(
         first = min(i for i in memory if isinstance(i, int))
         return {**memory, first: max(0, memory[first] - amount)}
 
+    compressed = False
     if not quant.enabled:
         device_map = infer(budgets.max_memory(), None)
         if slot_reserve and offloads(device_map):
             device_map = infer(minus(budgets.max_memory(), slot_reserve), None)
         sizes = {k: full[k] for k in device_map}
+    elif gpu_memory and compressed_offload and layer_list(model) is not None:
+        # The engine quantizes offloaded layers too: they cost their quantized size everywhere.
+        prefix = layer_list(model)[0] + "."
+        layer_keys = {k for k in full if k.startswith(prefix) and "." not in k[len(prefix):]}
+        device_map = infer(gpu_memory, special)
+        if offloads(device_map):
+            max_priced = _max_block(model, priced)
+            device_map = infer(minus(gpu_memory, max(0, offload_slots - 1) * max_priced), special)
+        stored = {k: priced[k] if k in layer_keys else full[k] for k in full}
+        device_map = _refill_offloaded(device_map, stored, budgets.cpu - max_full, tied)
+        sizes = {k: (priced[k] if isinstance(d, int) else stored[k]) for k, d in device_map.items()}
+        if set(device_map.values()) & {"cpu", "disk"}:
+            notes.append(f"offloaded layers are kept in RAM/on disk and sent to the GPU quantized ({quant.mode}) "
+                         "by the offload engine")
+        compressed = True
     elif gpu_memory:
         # GPU modules are quantized; offloaded ones stay 16/32-bit, priced at full size.
         device_map = infer(gpu_memory, special)
@@ -325,6 +347,8 @@ def plan_device_map(
         notes=tuple(notes),
         skip_modules=quant.skip_modules if quant.enabled else (),
         offload_slots=offload_slots,
+        layer_prefix=layer_list(model)[0] if layer_list(model) else "",
+        compressed=compressed and any(not isinstance(d, int) for d in device_map.values()),
     )
 
 
