@@ -166,9 +166,13 @@ CONFIGS = [
     ("int8 resident", "int8", "resident", "none"),
     ("int8 cpu accelerate", "int8", "cpu", "accelerate"),
     ("int8 cpu engine", "int8", "cpu", "engine"),
+    ("int8 disk accelerate", "int8", "disk", "accelerate"),
+    ("int8 disk engine", "int8", "disk", "engine"),
     ("nf4 resident", "nf4", "resident", "none"),
     ("nf4 cpu accelerate", "nf4", "cpu", "accelerate"),
     ("nf4 cpu engine", "nf4", "cpu", "engine"),
+    ("nf4 disk accelerate", "nf4", "disk", "accelerate"),
+    ("nf4 disk engine", "nf4", "disk", "engine"),
 ]
 
 

@@ -145,3 +145,23 @@ def test_planner_prices_offloaded_layers_quantized_with_compressed_transfer() ->
     assert len(packed.layers_per_device["disk"]) < len(plain.layers_per_device["disk"])
     assert packed.bytes_per_device["cpu"] <= budgets.cpu
     assert any("quantized (int8)" in note for note in packed.notes)
+
+
+def test_engine_layers_reach_transformers_as_indexed_disk_layers(tiny_llama: Path, tmp_path: Path) -> None:
+    """With a GPU, layers the engine runs from RAM are mapped to "disk" for transformers: it indexes them in the
+    safetensors files instead of holding a 16/32-bit copy in RAM, and the engine reads them from there once."""
+    from pipeline.loading import _loader_map, prepare
+
+    preset = resolve_model(str(tiny_llama))
+    budgets = Budgets((250_000,), GiB, True, tmp_path)  # a GPU planned for, not used: nothing is loaded
+    plan = prepare(preset, budgets, engine="engine").plan
+    assert "cpu" in plan.layers_per_device and plan.compute_device == "cuda:0", plan.summary
+    prefix = plan.layer_prefix
+    assert prefix == "model.layers"
+    mapped = _loader_map(plan, True, preset, allow_pickle=False)
+    for key, device in plan.device_map.items():
+        is_layer = key.startswith(prefix + ".") and key[len(prefix) + 1:].isdigit()
+        assert mapped[key] == ("disk" if is_layer and device == "cpu" else device), key
+    assert _loader_map(plan, False, preset, allow_pickle=False) == plan.device_map  # accelerate's hooks: as planned
+    cpu_plan = prepare(preset, Budgets((), 300_000, True, tmp_path), engine="engine").plan
+    assert _loader_map(cpu_plan, True, preset, allow_pickle=False) == cpu_plan.device_map  # the CPU computes
