@@ -329,8 +329,14 @@ def _context_length(preset: Preset, config: Any, tokenizer: Any) -> int:
 
 
 def _empty_cuda_cache() -> None:
+    """Give cached GPU memory back, and cached pinned host memory (the engine's buffers), which
+    torch's host allocator otherwise keeps for reuse: it would stay in the process's RSS."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        empty_host = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+        empty_host = empty_host or getattr(torch._C, "_host_emptyCache", None)
+        if empty_host is not None:
+            empty_host()
 
 
 def _trim_malloc() -> None:

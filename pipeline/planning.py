@@ -285,7 +285,7 @@ def plan_device_map(
         device_map = infer(budgets.max_memory(), None)
         if slot_reserve and offloads(device_map):
             device_map = infer(minus(budgets.max_memory(), slot_reserve), None)
-        sizes = {k: full[k] for k in device_map}
+        sizes = {k: full.get(k, 0) for k in device_map}
     elif gpu_memory and compressed_offload and layer_list(model) is not None:
         # The engine quantizes offloaded layers too: they cost their quantized size everywhere.
         prefix = layer_list(model)[0] + "."
@@ -296,7 +296,7 @@ def plan_device_map(
             device_map = infer(minus(gpu_memory, max(0, offload_slots - 1) * max_priced), special)
         stored = {k: priced[k] if k in layer_keys else full[k] for k in full}
         device_map = _refill_offloaded(device_map, stored, budgets.cpu - max_full, tied)
-        sizes = {k: (priced[k] if isinstance(d, int) else stored[k]) for k, d in device_map.items()}
+        sizes = {k: (priced if isinstance(d, int) else stored).get(k, 0) for k, d in device_map.items()}
         if set(device_map.values()) & {"cpu", "disk"}:
             notes.append(f"offloaded layers are kept in RAM/on disk and sent to the GPU quantized ({quant.mode}) "
                          "by the offload engine")
@@ -310,12 +310,12 @@ def plan_device_map(
             reduced = minus({i: max(0, b - extra) for i, b in gpu_memory.items()}, slot_reserve)
             device_map = infer(reduced, special)
         device_map = _refill_offloaded(device_map, full, budgets.cpu - max_full, tied)
-        sizes = {k: (priced[k] if isinstance(d, int) else full[k]) for k, d in device_map.items()}
+        sizes = {k: (priced if isinstance(d, int) else full).get(k, 0) for k, d in device_map.items()}
         if set(device_map.values()) & {"cpu", "disk"}:
             notes.append("modules offloaded to CPU/disk stay unquantized (bitsandbytes quantizes only GPU modules)")
     else:
         device_map = infer({"cpu": budgets.cpu}, special)
-        sizes = {k: priced[k] for k in device_map}
+        sizes = {k: priced.get(k, 0) for k in device_map}
         if "disk" in device_map.values():
             raise DoesNotFitError(
                 f"{model_name or 'the model'} needs {format_bytes(sum(sizes.values()))} quantized ({quant.mode}) plus "
@@ -405,9 +405,9 @@ def _refill_offloaded(
         if tied_device is not None:
             placed[key] = tied_device
             continue
-        if not cpu_full and used + full[key] <= cpu_capacity:
+        if not cpu_full and used + full.get(key, 0) <= cpu_capacity:
             placed[key] = "cpu"
-            used += full[key]
+            used += full.get(key, 0)
         else:
             cpu_full = True
             placed[key] = "disk"

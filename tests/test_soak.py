@@ -64,11 +64,14 @@ def soak(tiny_llama: Path, offload: Path, gpu: bool = False) -> dict:
     peak = 0
     started = time.perf_counter()
     disk_plans = 0
+    series: list[float] = []  # RSS (MiB) every 10 cycles, model loaded: growth per cycle shows as a slope
     for cycle in range(CYCLES):
         loaded = manager.load(variants[cycle % len(variants)])
         assert "".join(manager.stream(HELLO, params))
         peak = max(peak, rss())
         disk_plans += "disk" in loaded.plan.layers_per_device
+        if cycle % 10 == 9:
+            series.append(round(rss() / 2**20, 1))
     manager.current.unload()
     manager.current = None
     elapsed = time.perf_counter() - started
@@ -80,13 +83,15 @@ def soak(tiny_llama: Path, offload: Path, gpu: bool = False) -> dict:
         "cycles": CYCLES, "seconds": round(elapsed, 1), "baseline_rss_mib": round(baseline / 2**20, 1),
         "peak_rss_mib": round(peak / 2**20, 1), "final_rss_mib": round(after / 2**20, 1),
         "change_percent": round((after - baseline) / baseline * 100, 2), "disk_plans": disk_plans,
+        "rss_every_10_cycles_mib": series,
         "leaked_threads": [t.name for t in threading.enumerate() if t.ident not in threads and t.is_alive()],
         "offload_left": sorted(p.name for p in offload.iterdir()) if offload.exists() else [],
     }
 
 
 def run_child(tiny_llama: Path, offload: Path, *flags: str) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+    path = os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, __file__, str(tiny_llama), str(offload), *flags],
                             capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
