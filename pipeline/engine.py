@@ -19,7 +19,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,7 @@ class OffloadedLayer:
     nbytes: int
     read: Callable[[], Iterator[tuple[_Tensor, torch.Tensor]]] | None = None  # disk: yields source tensors
     host: torch.Tensor | None = None  # cpu: the pinned flat buffer
+    bindings: dict[int, list] = field(default_factory=dict)  # buffer address -> what bind() assigns
 
     def fill(self, buffer: torch.Tensor, pool: Any = None) -> None:
         """Write this layer's bytes into a flat host buffer (tensors copied in parallel with `pool`).
@@ -173,14 +174,36 @@ class OffloadedLayer:
             future.result()
 
     def bind(self, flat: torch.Tensor) -> None:
-        """Point the module's parameters at their bytes in `flat` (a slot): no copy, no allocation."""
+        """Point the module's parameters (and quantization states) at their bytes in `flat` (a slot).
+
+        The views and parameter objects for each buffer are made on first use and kept, so binding
+        is only attribute assignments: it runs before every offloaded layer, on the critical path.
+        """
+        key = flat.data_ptr()
+        binding = self.bindings.get(key)
+        if binding is None:
+            binding = self.bindings[key] = self._binding(flat)
+        for owner, name, is_param, value in binding:
+            if is_param:
+                owner._parameters[name] = value
+            else:
+                setattr(owner, name, value)
+
+    def _binding(self, flat: torch.Tensor) -> list[tuple[Any, str, bool, torch.Tensor]]:
+        binding = []
         for spec in self.tensors:
             view = _flat_view(flat, spec)
             for owner, name, is_param in spec.targets:
-                if is_param:
-                    getattr(owner, name).data = view
-                else:
-                    setattr(owner, name, view)
+                binding.append((owner, name, is_param, _like(getattr(owner, name), view) if is_param else view))
+        return binding
+
+
+def _like(param: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+    """A parameter of `param`'s class (nn.Parameter, bitsandbytes' Params4bit/Int8Params) over `data`,
+    carrying the same attributes (block size, quantization state, ...)."""
+    new = torch.Tensor._make_subclass(type(param), data, False)
+    new.__dict__.update(param.__dict__)
+    return new
 
 
 def _flat_view(flat: torch.Tensor, spec: _Tensor) -> torch.Tensor:
@@ -418,6 +441,7 @@ class OffloadEngine:
             self.stager = None
         for layer in self.layers:
             layer.host = None
+            layer.bindings.clear()
         self.slots.clear()
         self.queue.clear()
 

@@ -30,7 +30,20 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def soak(tiny_llama: Path, offload: Path, gpu: bool = False) -> dict:
+def memory_breakdown() -> dict:
+    """Anonymous vs file-backed RSS, and how many safetensors mappings the process holds."""
+    fields = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("Rss_anon", "Rss_file", "Rss_shmem"):
+                fields[name.lower() + "_mib"] = round(int(value.split()[0]) / 1024, 1)
+    with open("/proc/self/maps") as f:
+        fields["safetensors_mappings"] = sum(".safetensors" in line for line in f)
+    return fields
+
+
+def soak(tiny_llama: Path, offload: Path, gpu: bool = False, only: int | None = None) -> dict:
     """The cycles themselves (run in a child process by the test). With `gpu`, the budgets give
     GPU 0 a few MiB, so the demo model spreads over GPU, CPU and disk through the offload engine."""
     import torch
@@ -48,6 +61,8 @@ def soak(tiny_llama: Path, offload: Path, gpu: bool = False) -> dict:
         Settings(model=str(tiny_llama), gpu_gib=g, cpu_gib=1, offload_dir=str(offload), quant=QuantSettings("nf4")),
         Settings(model="demo", gpu_gib=g, cpu_gib=0.0001, disk=True, offload_dir=str(offload)),  # all on disk
     ]
+    if only is not None:
+        variants = [variants[only]]
     manager = ModelManager(detect_hardware(offload) if gpu else Hardware((), 23 * GiB, 20 * GiB, 50 * GiB))
 
     def gpu_allocated() -> int:
@@ -60,7 +75,7 @@ def soak(tiny_llama: Path, offload: Path, gpu: bool = False) -> dict:
     manager.current.unload()
     manager.current = None
     threads = {t.ident for t in threading.enumerate()}
-    baseline, gpu_baseline = rss(), gpu_allocated()
+    baseline, gpu_baseline, memory_before = rss(), gpu_allocated(), memory_breakdown()
     peak = 0
     started = time.perf_counter()
     disk_plans = 0
@@ -72,6 +87,8 @@ def soak(tiny_llama: Path, offload: Path, gpu: bool = False) -> dict:
         disk_plans += "disk" in loaded.plan.layers_per_device
         if cycle % 10 == 9:
             series.append(round(rss() / 2**20, 1))
+        if cycle == CYCLES - 1:
+            memory_loaded = memory_breakdown()
     manager.current.unload()
     manager.current = None
     elapsed = time.perf_counter() - started
@@ -83,7 +100,8 @@ def soak(tiny_llama: Path, offload: Path, gpu: bool = False) -> dict:
         "cycles": CYCLES, "seconds": round(elapsed, 1), "baseline_rss_mib": round(baseline / 2**20, 1),
         "peak_rss_mib": round(peak / 2**20, 1), "final_rss_mib": round(after / 2**20, 1),
         "change_percent": round((after - baseline) / baseline * 100, 2), "disk_plans": disk_plans,
-        "rss_every_10_cycles_mib": series,
+        "rss_every_10_cycles_mib": series, "memory_before": memory_before, "memory_last_loaded": memory_loaded,
+        "memory_after": memory_breakdown(),
         "leaked_threads": [t.name for t in threading.enumerate() if t.ident not in threads and t.is_alive()],
         "offload_left": sorted(p.name for p in offload.iterdir()) if offload.exists() else [],
     }
@@ -120,4 +138,5 @@ def test_fifty_reloads_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_
 
 
 if __name__ == "__main__":
-    print(json.dumps(soak(Path(sys.argv[1]), Path(sys.argv[2]), gpu="--gpu" in sys.argv[3:])))
+    only = next((int(a.split("=")[1]) for a in sys.argv[3:] if a.startswith("--only=")), None)
+    print(json.dumps(soak(Path(sys.argv[1]), Path(sys.argv[2]), gpu="--gpu" in sys.argv[3:], only=only)))
