@@ -33,11 +33,12 @@ def rss() -> int:
 def memory_breakdown() -> dict:
     """Anonymous vs file-backed RSS, and how many safetensors mappings the process holds."""
     fields = {}
-    with open("/proc/self/smaps_rollup") as f:
+    with open("/proc/self/status") as f:
         for line in f:
             name, _, value = line.partition(":")
-            if name in ("Rss_anon", "Rss_file", "Rss_shmem"):
-                fields[name.lower() + "_mib"] = round(int(value.split()[0]) / 1024, 1)
+            if name in ("RssAnon", "RssFile", "RssShmem", "Threads"):
+                number = int(value.split()[0])
+                fields[name] = number if name == "Threads" else round(number / 1024, 1)
     with open("/proc/self/maps") as f:
         fields["safetensors_mappings"] = sum(".safetensors" in line for line in f)
     return fields
