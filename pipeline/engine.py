@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 ALIGN = 256  # bytes: every tensor in a flat buffer starts on this boundary (safe for any dtype view)
 READ_THREADS = 4  # parallel copies out of memory-mapped safetensors into pinned staging
+STAGING_BYTES = 320 * 2**20  # pinned staging for disk layers: 2 buffers at least, 8 at most, about this much
+CHUNK = 8 * 2**20  # bytes per parallel copy when a layer's file already holds its flat layout
 
 
 # --- device operations -------------------------------------------------------------------------
@@ -158,14 +160,19 @@ class OffloadedLayer:
     read: Callable[[], Iterator[tuple[_Tensor, torch.Tensor]]] | None = None  # disk: yields source tensors
     host: torch.Tensor | None = None  # cpu: the pinned flat buffer
     bindings: dict[int, list] = field(default_factory=dict)  # buffer address -> what bind() assigns
+    flat: torch.Tensor | None = None  # disk: the layer's bytes already in flat layout (a memory-mapped file)
 
     def fill(self, buffer: torch.Tensor, pool: Any = None) -> None:
         """Write this layer's bytes into a flat host buffer (tensors copied in parallel with `pool`).
 
         Copies convert dtypes on the way (a bf16 checkpoint loaded in fp16) and release the GIL.
         """
-        assert self.read is not None
-        copies = [(_flat_view(buffer, spec), value) for spec, value in self.read()]
+        if self.flat is not None:  # the file holds the flat layout: copy it in large chunks
+            copies = [(buffer[start : start + CHUNK], self.flat[start : start + CHUNK])
+                      for start in range(0, self.nbytes, CHUNK)]
+        else:
+            assert self.read is not None
+            copies = [(_flat_view(buffer, spec), value) for spec, value in self.read()]
         if pool is None:
             for target, value in copies:
                 target.copy_(value)
@@ -351,7 +358,7 @@ class OffloadEngine:
     first offloaded layers load while this token's last layers compute).
     """
 
-    def __init__(self, layers: list[OffloadedLayer], ops: Any, slots: int = 2, disk_buffers: int = 2) -> None:
+    def __init__(self, layers: list[OffloadedLayer], ops: Any, slots: int = 2, disk_buffers: int | None = None) -> None:
         if not layers:
             raise ValueError("no offloaded layers to run")
         self.layers = sorted(layers, key=lambda layer: layer.index)
@@ -363,7 +370,7 @@ class OffloadEngine:
         self.slots = [_Slot(ops.device_buffer(size), ops.event(), ops.event()) for _ in range(count)]
         self.resident = len(self.layers) <= count  # every offloaded layer fits in a slot: copy once
         self.stager = (
-            _DiskStager(ops, self.layers, disk_buffers)
+            _DiskStager(ops, self.layers, disk_buffers or max(2, min(8, STAGING_BYTES // size)))
             if any(layer.tier == "disk" for layer in self.layers) and not self.resident
             else None
         )
@@ -441,6 +448,7 @@ class OffloadEngine:
             self.stager = None
         for layer in self.layers:
             layer.host = None
+            layer.flat = None  # the memory map of its quantized file
             layer.bindings.clear()
         self.slots.clear()
         self.queue.clear()
@@ -588,13 +596,7 @@ def _quantized_layer(index: int, module: nn.Module, tier: str, convert: set[str]
 
     path = Path(cache_dir) / f"layer-{index}.{quant.mode}.safetensors"
     save_file({"flat": host}, str(path))
-    flat = SafetensorsFile(str(path)).tensor("flat")
-
-    def read() -> Iterator[tuple[_Tensor, torch.Tensor]]:
-        for spec in specs:
-            yield spec, _flat_view(flat, spec)
-
-    layer.read = read
+    layer.flat = SafetensorsFile(str(path)).tensor("flat")
     return layer
 
 
