@@ -79,13 +79,27 @@ def test_cancellation_stops_generation_within_a_token(loaded) -> None:
     cancel = threading.Event()
     stats = ReplyStats()
     params = GenerationParams(temperature=0, max_new_tokens=200)
-    before = threading.active_count()
     for _ in stream_chat(loaded, HELLO, params, cancel=cancel, stats=stats):
         cancel.set()
     assert stats.finish_reason == "cancelled"
     assert stats.new_tokens < 20  # stopped near the first piece, far from 200
-    time.sleep(0.1)
-    assert threading.active_count() <= before  # the generation thread is gone
+    assert loaded.lock.acquire(timeout=1)  # the generation is over: the model is free
+    loaded.lock.release()
+
+
+def test_replies_run_on_reused_worker_threads(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread per reply would leak: CUDA keeps per-thread state a thread's exit does not free."""
+    ran_on: list[threading.Thread] = []
+    generate = loaded.model.generate
+    monkeypatch.setattr(loaded.model, "generate", lambda **kw: ran_on.append(threading.current_thread()) or
+                        generate(**kw))
+    params = GenerationParams(temperature=0, max_new_tokens=3)
+    chat(loaded, HELLO, params)
+    workers = set(threading.enumerate())
+    for _ in range(5):
+        chat(loaded, HELLO, params)
+    assert len(ran_on) == 6 and set(ran_on[1:]) <= workers  # no new thread for later replies
+    assert threading.current_thread() not in ran_on
 
 
 def test_closing_the_generator_stops_the_thread(loaded) -> None:
@@ -94,7 +108,6 @@ def test_closing_the_generator_stops_the_thread(loaded) -> None:
     next(stream)
     stream.close()
     assert stats.new_tokens < 20
-    assert not any(t.name == "generate" and t.is_alive() for t in threading.enumerate())
     assert loaded.lock.acquire(timeout=1)  # the model is free for the next reply
     loaded.lock.release()
 
