@@ -55,8 +55,8 @@ def smallest_split(preset, tmp_path: Path, total: int, quant: QuantSettings | No
     """The smallest budgets (in 32nds of `total` bytes) whose plan puts layers on every tier in `tiers`.
 
     The CPU range goes past the model's size: the planner keeps one unquantized layer's room free in RAM."""
-    cpu = [*range(1, 24), *range(24, 129, 8)]
-    steps = [(g * total // 32, c * total // 32) for g in range(2, 32) for c in cpu]
+    cpu = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+    steps = [(g * total // 32, c * total // 32) for g in range(2, 32, 2) for c in cpu]
     return next(b for g, c in steps
                 if tiers <= set(prepare(preset, b := gpu_budgets(tmp_path, g, c), quant,
                                         engine="engine").plan.layers_per_device))
