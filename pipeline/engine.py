@@ -6,8 +6,9 @@ pinned host buffer (allocated once at load) and copies it into one of a small se
 a dedicated copy stream while earlier layers compute. CUDA events order the copies and the
 reuse of a slot: a slot is refilled only after the layer that used it has finished.
 
-Layers on disk are read from their safetensors files (memory-mapped by accelerate's loader) by a
-background thread into pinned staging buffers, ahead of need, and copied from there.
+Layers on disk are read from their safetensors files (memory-mapped once) by a background thread
+into pinned staging buffers, ahead of need, and copied from there. With quantization on, offloaded
+layers are quantized once at load (`pipeline.compress`) and kept, read and copied in that form.
 
 The scheduling is device-agnostic: `CudaOps` drives real streams and events; `SyncOps` does the
 same work synchronously on the CPU, so the logic is unit-tested without a GPU.
