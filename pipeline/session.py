@@ -178,8 +178,16 @@ class ModelManager:
             "memory": memory,
             "summary": plan.summary,
             "context_length": loaded.context_length,
-            "offload": ("offload engine" if loaded.engine is not None else "accelerate hooks") if plan.offloaded else "",
+            "offload": _offload_path(loaded) if plan.offloaded else "",
         }
+
+
+def _offload_path(loaded: LoadedModel) -> str:
+    if loaded.engine is None:
+        return "accelerate hooks"
+    if loaded.plan.compressed:
+        return f"offload engine, layers moved quantized ({loaded.plan.quantization})"
+    return "offload engine"
 
 
 def memory_in_use(loaded: LoadedModel) -> str:
