@@ -359,7 +359,11 @@ class OffloadEngine:
     first offloaded layers load while this token's last layers compute).
     """
 
-    def __init__(self, layers: list[OffloadedLayer], ops: Any, slots: int = 2, disk_buffers: int | None = None) -> None:
+    def __init__(self, layers: list[OffloadedLayer], ops: Any, slots: int = 2, disk_buffers: int | None = None,
+                 align: bool = False, skip_keys: tuple[str, ...] = ()) -> None:
+        """`align`: move each offloaded layer's inputs to the engine's device first (when other GPUs
+        run other layers, hidden states and position embeddings may arrive from another GPU);
+        `skip_keys` names inputs left where they are (the KV cache: each layer keeps its own)."""
         if not layers:
             raise ValueError("no offloaded layers to run")
         self.layers = sorted(layers, key=lambda layer: layer.index)
@@ -379,7 +383,10 @@ class OffloadEngine:
         self.lock = threading.Lock()
         self.handles: list[Any] = []
         self._prime(0)
+        self.skip_keys = list(skip_keys)
         for layer in self.layers:
+            if align:
+                self.handles.append(layer.module.register_forward_pre_hook(self._align, with_kwargs=True))
             self.handles.append(layer.module.register_forward_pre_hook(self._before))
             self.handles.append(layer.module.register_forward_hook(self._after))
 
@@ -411,6 +418,12 @@ class OffloadEngine:
             self.ops.copy(target, layer.host, slot.free, slot.ready)
         self.stats.copies += 1
         self.stats.bytes_copied += layer.nbytes
+
+    def _align(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        from accelerate.utils import send_to_device
+
+        device = self.ops.device
+        return send_to_device(args, device), send_to_device(kwargs, device, skip_keys=self.skip_keys)
 
     def _before(self, module: nn.Module, args: Any) -> None:
         pos = self.position[id(module)]
@@ -509,7 +522,8 @@ def _index_entry(weights: Any, name: str) -> dict | None:
 
 def attach_engine(model: nn.Module, layer_prefix: str, device_map: dict[str, Any], compute_device: torch.device,
                   slots: int = 2, ops: Any | None = None, tiers: tuple[str, ...] | None = None,
-                  quant: QuantSettings | None = None, cache_dir: Path | None = None) -> OffloadEngine | None:
+                  quant: QuantSettings | None = None, cache_dir: Path | None = None,
+                  align: bool = False) -> OffloadEngine | None:
     """Take over the offloaded decoder layers of a model dispatched by accelerate.
 
     Offloaded means "cpu" and "disk" when a GPU computes, only "disk" when the CPU does (`tiers`
@@ -521,6 +535,9 @@ def attach_engine(model: nn.Module, layer_prefix: str, device_map: dict[str, Any
     on the compute device as transformers quantizes resident ones (see `pipeline.compress`): its
     flat buffer holds the quantized bytes, and disk layers are rewritten quantized into `cache_dir`
     (the model's offload folder), so RAM, disk reads and the link all carry the quantized form.
+
+    `compute_device` is the GPU that runs the offloaded layers: with several GPUs, the one running
+    the layers just before them (`Plan.offload_device`), with `align` moving their inputs there.
     """
     tiers = tiers or (("cpu", "disk") if compute_device.type != "cpu" else ("disk",))
     layer_list = model.get_submodule(layer_prefix)
@@ -550,7 +567,8 @@ def attach_engine(model: nn.Module, layer_prefix: str, device_map: dict[str, Any
         layers.append(layer)
     if not layers:
         return None
-    return OffloadEngine(layers, ops, slots=slots)
+    skip = getattr(model, "_skip_keys_device_placement", None) or ()
+    return OffloadEngine(layers, ops, slots=slots, align=align, skip_keys=(skip,) if isinstance(skip, str) else tuple(skip))
 
 
 def _plain_layer(index: int, module: nn.Module, tier: str, sources: dict[str, Callable[[], torch.Tensor]],

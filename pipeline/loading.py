@@ -239,8 +239,8 @@ def _attach_engine(model: Any, plan: Plan, quant: QuantSettings, offload_dir: Pa
     layers = layer_list(model)
     if layers is None:
         return None
-    return attach_engine(model, layers[0], plan.device_map, torch.device(plan.compute_device),
-                         slots=plan.offload_slots, quant=replace(quant, skip_modules=plan.skip_modules)
+    return attach_engine(model, layers[0], plan.device_map, torch.device(plan.offload_device),
+                         slots=plan.offload_slots, align=plan.multi_gpu, quant=replace(quant, skip_modules=plan.skip_modules)
                          if plan.compressed else None, cache_dir=offload_dir)
 
 

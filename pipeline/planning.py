@@ -61,6 +61,7 @@ class Plan:
     offload_slots: int = 1  # GPU slots reserved for offloaded layers (the engine's, or accelerate's one)
     compressed: bool = False  # offloaded layers are kept and moved quantized (the engine's compressed transfer)
     layer_prefix: str = ""  # the decoder layer list ("model.layers"), "" when the model has none
+    offload_gpu: int | None = None  # the GPU whose budget holds the offload slots (the last one with a budget)
 
     @property
     def offloaded(self) -> bool:
@@ -74,6 +75,21 @@ class Plan:
     def compute_device(self) -> str:
         gpus = sorted(d for d in self.device_map.values() if isinstance(d, int))
         return f"cuda:{gpus[0]}" if gpus else "cpu"
+
+    @property
+    def offload_device(self) -> str:
+        """The GPU that runs offloaded layers with the engine, where its slots are reserved: the last
+        GPU with a budget (the plan fills GPU 0..N, then CPU and disk, so offloaded layers follow its
+        layers and their hidden states are already there)."""
+        return f"cuda:{self.offload_gpu}" if self.offload_gpu is not None else self.compute_device
+
+    @property
+    def multi_gpu(self) -> bool:
+        """Layers run on more than one GPU: inputs of offloaded layers may come from another GPU."""
+        gpus = {d for d in self.device_map.values() if isinstance(d, int)}
+        if self.offload_gpu is not None:
+            gpus.add(self.offload_gpu)
+        return len(gpus) > 1
 
     @property
     def total_bytes(self) -> int:
@@ -224,7 +240,7 @@ def plan_device_map(
 
     `offload_slots` is how many offloaded layers the GPU holds at once while they run: 1 for
     accelerate's hooks (accelerate reserves it), more for the offload engine, whose extra slots
-    are taken from the first GPU's budget. `compressed_offload` (the engine with quantization on a
+    are taken from the last GPU's budget (the one that runs offloaded layers). `compressed_offload` (the engine with quantization on a
     GPU) prices offloaded decoder layers at their quantized size in RAM, on disk and in the slots.
     Raises DoesNotFitError when the model does not fit, even with disk.
     """
@@ -271,14 +287,19 @@ def plan_device_map(
 
     gpu_memory = {i: b for i, b in enumerate(budgets.gpu) if b > 0}
     max_full = _max_block(model, full)  # the largest layer at its unquantized size
-    slot_reserve = max(0, offload_slots - 1) * max_full if gpu_memory else 0
+    # accelerate keeps room for one offloaded layer on the first GPU. The engine's slots live on the
+    # last GPU: on the first (one GPU) that room is its first slot; with several GPUs all its slots
+    # are reserved on the last one.
+    extra_slots = (offload_slots if len(gpu_memory) > 1 and offload_slots > 1 else offload_slots - 1)
+    slot_reserve = max(0, extra_slots) * max_full if gpu_memory else 0
 
     def offloads(device_map: dict[str, Device]) -> bool:
         return any(not isinstance(d, int) for d in device_map.values())
 
     def minus(memory: dict[Device, int], amount: int) -> dict[Device, int]:
-        first = min(i for i in memory if isinstance(i, int))
-        return {**memory, first: max(0, memory[first] - amount)}
+        # The slots live on the last GPU with a budget: it runs the offloaded layers, which come after its own.
+        last = max(gpu_memory)
+        return {**memory, last: max(0, memory.get(last, 0) - amount)}
 
     compressed = False
     if not quant.enabled:
@@ -293,7 +314,7 @@ def plan_device_map(
         device_map = infer(gpu_memory, special)
         if offloads(device_map):
             max_priced = _max_block(model, priced)
-            device_map = infer(minus(gpu_memory, max(0, offload_slots - 1) * max_priced), special)
+            device_map = infer(minus(gpu_memory, max(0, extra_slots) * max_priced), special)
         stored = {k: priced[k] if k in layer_keys else full[k] for k in full}
         device_map = _refill_offloaded(device_map, stored, budgets.cpu - max_full, tied)
         sizes = {k: (priced if isinstance(d, int) else stored).get(k, 0) for k, d in device_map.items()}
@@ -348,6 +369,7 @@ def plan_device_map(
         skip_modules=quant.skip_modules if quant.enabled else (),
         offload_slots=offload_slots,
         layer_prefix=layer_list(model)[0] if layer_list(model) else "",
+        offload_gpu=max(gpu_memory) if gpu_memory else None,
         compressed=compressed and any(not isinstance(d, int) for d in device_map.values()),
     )
 

@@ -168,3 +168,31 @@ def test_disk_layers_are_read_from_the_safetensors_map_not_accelerates_loader(
     assert not [k for k in calls if ".layers." in k]  # layer weights came through SafetensorsFile views
     assert loaded.engine.stats.disk_reads > 0
     unload(loaded)
+
+
+def test_with_several_gpus_offloaded_layers_take_their_inputs_to_the_engine_device(tiny_llama: Path, tmp_path: Path,
+                                                                                   expected) -> None:
+    """Hidden states and position embeddings may come from another GPU; the KV cache stays per layer."""
+    loaded = load_model(resolve_model(str(tiny_llama)), Budgets((), GiB, False, tmp_path / "off"),
+                        engine="accelerate")
+    prefix = layer_list(loaded.model)[0]
+    engine = attach_engine(loaded.model, prefix, {**loaded.plan.device_map, **{f"{prefix}.{i}": "cpu" for i in range(4)}},
+                           torch.device("cpu"), slots=2, tiers=("cpu",), align=True)
+    loaded.engine = engine
+    assert greedy(loaded) == expected  # real inputs go through the alignment hook
+
+    class Probe:
+        def __init__(self) -> None:
+            self.sent_to: list[torch.device] = []
+
+        def to(self, device, non_blocking: bool = False):
+            self.sent_to.append(torch.device(device))
+            return self
+
+    skip = loaded.model._skip_keys_device_placement  # the model's name for its KV cache argument
+    key = skip if isinstance(skip, str) else sorted(skip)[0]
+    hidden, cos, cache = Probe(), Probe(), Probe()
+    args, kwargs = engine._align(engine.layers[0].module, (hidden,), {"position_embeddings": (cos,), key: cache})
+    assert hidden.sent_to == cos.sent_to == [torch.device("cpu")]
+    assert cache.sent_to == [] and kwargs[key] is cache
+    unload(loaded)

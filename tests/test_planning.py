@@ -190,3 +190,17 @@ def test_two_gpus_fill_in_order_then_cpu_then_disk() -> None:
 def test_an_unused_gpu_is_skipped() -> None:
     plan = plan_device_map(tiny(), budgets(gpu=(0, 10 * TOTAL), cpu=0))
     assert set(plan.bytes_per_device) == {1} and plan.compute_device == "cuda:1"
+
+
+def test_with_two_gpus_the_engine_slots_go_on_the_gpu_that_runs_offloaded_layers() -> None:
+    # Layers 0-1 fit GPU0 (with accelerate's one-layer room), GPU1 holds 3 layers' worth.
+    two = budgets(gpu=(LAYER + EMBED + 2 * LAYER, 3 * LAYER), cpu=10 * TOTAL)
+    hooks = plan_device_map(tiny(layers=8), two, offload_slots=1)
+    engine = plan_device_map(tiny(layers=8), two, offload_slots=2)
+    assert hooks.layers_per_device[0] == engine.layers_per_device[0] == (0, 1)  # GPU0 gives up nothing
+    assert hooks.layers_per_device[1] == (2, 3, 4)
+    assert engine.layers_per_device[1] == (2,)  # both slots taken from GPU1's budget
+    assert engine.offload_device == "cuda:1" and engine.multi_gpu
+    assert engine.layers_per_device["cpu"] == (3, 4, 5, 6, 7)
+    one = plan_device_map(tiny(layers=8), budgets(gpu=(LAYER + EMBED + 2 * LAYER,), cpu=10 * TOTAL), offload_slots=2)
+    assert one.offload_device == "cuda:0" and not one.multi_gpu
