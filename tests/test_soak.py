@@ -1,6 +1,7 @@
 """Reload soak: 50 load/unload cycles with changing budgets and quantization.
 
-RSS must come back to its baseline within 5 %, every offload folder must be gone, and no thread
+RSS must come back to within 5 % above its baseline (ending below it, which the allocator's noise
+sometimes does by a few %, is memory given back), every offload folder must be gone, and no thread
 may be left behind. The cycles run in a fresh process, like the app's: inside the test runner the
 heap is shared with everything the earlier tests left, and its fragmentation alone moved RSS by
 about 5 % (while a fresh process stays within about 1-3 %). Marked slow; about 40 s, so CI runs it.
@@ -123,7 +124,9 @@ def run_child(tiny_llama: Path, offload: Path, *flags: str) -> dict:
 @pytest.mark.slow
 def test_fifty_reloads_on_the_gpu_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_path: Path) -> None:
     figures = run_child(tiny_llama, tmp_path / "offload", "--gpu")
-    assert abs(figures["change_percent"]) <= 5.0, figures
+    assert figures["change_percent"] <= 5.0, figures  # below the baseline is memory given back, not a leak
+    series = figures["rss_every_10_cycles_mib"]  # loaded, cycles 10..50: a leak shows as a slope
+    assert series[-1] - series[0] <= 0.05 * figures["baseline_rss_mib"], figures
     base = figures["gpu_allocated_baseline_mib"]
     assert abs(figures["gpu_allocated_final_mib"] - base) <= max(0.05 * base, 1.0), figures
     assert figures["leaked_threads"] == [] and figures["offload_left"] == [], figures
@@ -132,7 +135,9 @@ def test_fifty_reloads_on_the_gpu_return_to_baseline(demo_dir: Path, tiny_llama:
 @pytest.mark.slow
 def test_fifty_reloads_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_path: Path) -> None:
     figures = run_child(tiny_llama, tmp_path / "offload")
-    assert abs(figures["change_percent"]) <= 5.0, figures
+    assert figures["change_percent"] <= 5.0, figures  # below the baseline is memory given back, not a leak
+    series = figures["rss_every_10_cycles_mib"]  # loaded, cycles 10..50: a leak shows as a slope
+    assert series[-1] - series[0] <= 0.05 * figures["baseline_rss_mib"], figures
     assert figures["disk_plans"] == 2 * CYCLES // 5  # the disk variants really used the disk
     assert figures["leaked_threads"] == [], figures
     assert figures["offload_left"] == [], figures
