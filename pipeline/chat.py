@@ -7,10 +7,10 @@ on cancellation, and never yields half a character or the start of a stop string
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import re
-import concurrent.futures
 import threading
 import time
 from collections.abc import Iterator, Sequence

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 
 from .compress import linears_by_layer, quantize_layer
@@ -420,8 +421,6 @@ class OffloadEngine:
         self.stats.bytes_copied += layer.nbytes
 
     def _align(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        from accelerate.utils import send_to_device
-
         device = self.ops.device
         return send_to_device(args, device), send_to_device(kwargs, device, skip_keys=self.skip_keys)
 

@@ -286,6 +286,9 @@ def plan_device_map(
         return _normalize(model, dict(device_map))
 
     gpu_memory = {i: b for i, b in enumerate(budgets.gpu) if b > 0}
+    # The slots live on the last GPU with a budget: it runs the offloaded layers, which come after its own.
+    offload_gpu = max(gpu_memory) if gpu_memory else None
+    decoder = layer_list(model)  # (prefix, ModuleList) of the repeated blocks, or None
     max_full = _max_block(model, full)  # the largest layer at its unquantized size
     # accelerate keeps room for one offloaded layer on the first GPU. The engine's slots live on the
     # last GPU: on the first (one GPU) that room is its first slot; with several GPUs all its slots
@@ -297,9 +300,7 @@ def plan_device_map(
         return any(not isinstance(d, int) for d in device_map.values())
 
     def minus(memory: dict[Device, int], amount: int) -> dict[Device, int]:
-        # The slots live on the last GPU with a budget: it runs the offloaded layers, which come after its own.
-        last = max(gpu_memory)
-        return {**memory, last: max(0, memory.get(last, 0) - amount)}
+        return {**memory, offload_gpu: max(0, memory.get(offload_gpu, 0) - amount)}
 
     compressed = False
     if not quant.enabled:
@@ -307,9 +308,9 @@ def plan_device_map(
         if slot_reserve and offloads(device_map):
             device_map = infer(minus(budgets.max_memory(), slot_reserve), None)
         sizes = {k: full.get(k, 0) for k in device_map}
-    elif gpu_memory and compressed_offload and layer_list(model) is not None:
+    elif gpu_memory and compressed_offload and decoder is not None:
         # The engine quantizes offloaded layers too: they cost their quantized size everywhere.
-        prefix = layer_list(model)[0] + "."
+        prefix = decoder[0] + "."
         layer_keys = {k for k in full if k.startswith(prefix) and "." not in k[len(prefix):]}
         device_map = infer(gpu_memory, special)
         if offloads(device_map):
@@ -368,8 +369,8 @@ def plan_device_map(
         notes=tuple(notes),
         skip_modules=quant.skip_modules if quant.enabled else (),
         offload_slots=offload_slots,
-        layer_prefix=layer_list(model)[0] if layer_list(model) else "",
-        offload_gpu=max(gpu_memory) if gpu_memory else None,
+        layer_prefix=decoder[0] if decoder else "",
+        offload_gpu=offload_gpu,
         compressed=compressed and any(not isinstance(d, int) for d in device_map.values()),
     )
 

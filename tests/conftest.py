@@ -124,3 +124,12 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
 def demo_dir() -> Path:
     assert (DEMO / "config.json").is_file(), f"the bundled demo model is missing at {DEMO}"
     return DEMO
+
+
+def all_layers_on(loaded, tier: str) -> tuple[str, dict]:
+    """The loaded model's layer prefix and its device map with every decoder layer moved to `tier`
+    (tests attach the engine to such a map: the layers run as if the plan had offloaded them)."""
+    from pipeline.planning import layer_list
+
+    prefix, layers = layer_list(loaded.model)
+    return prefix, {**loaded.plan.device_map, **{f"{prefix}.{i}": tier for i in range(len(layers))}}

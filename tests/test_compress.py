@@ -11,21 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import greedy
+from conftest import all_layers_on, greedy
 from pipeline.budgets import Budgets, GiB
 from pipeline.engine import attach_engine
 from pipeline.loading import load_model, unload
-from pipeline.planning import layer_list, plan_device_map
+from pipeline.planning import plan_device_map
 from pipeline.presets import resolve_model
 from pipeline.quantization import QuantSettings
 
 bnb = pytest.importorskip("bitsandbytes")
-
-
-def _all_layers(loaded, tier: str) -> tuple[str, dict]:
-    prefix = layer_list(loaded.model)[0]
-    count = len(layer_list(loaded.model)[1])
-    return prefix, {**loaded.plan.device_map, **{f"{prefix}.{i}": tier for i in range(count)}}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def test_int8_offloaded_layers_match_resident_int8(tier: str, tiny_llama: Path, 
     tokens, (cb, scb) = int8_reference
     loaded = load_model(resolve_model(str(tiny_llama)),
                         Budgets((), GiB if tier == "cpu" else 0, tier == "disk", tmp_path / "off"), engine="accelerate")
-    prefix, as_offloaded = _all_layers(loaded, tier)
+    prefix, as_offloaded = all_layers_on(loaded, tier)
     full_bytes = sum(p.numel() * p.element_size() for p in loaded.model.model.layers[1].parameters())
     cache = tmp_path / "quantized"
     cache.mkdir()
@@ -79,7 +73,7 @@ def test_4bit_offloaded_layers_hold_transformers_quantized_bytes(mode: str, doub
     assert isinstance(expected, bnb.nn.Linear4bit)
 
     loaded = load_model(resolve_model(str(tiny_llama)), Budgets((), GiB, False, tmp_path / "b"), engine="accelerate")
-    prefix, as_offloaded = _all_layers(loaded, "cpu")
+    prefix, as_offloaded = all_layers_on(loaded, "cpu")
     engine = attach_engine(loaded.model, prefix, as_offloaded, torch.device("cpu"), slots=2, tiers=("cpu",),
                            quant=settings)
     layer = engine.layers[2]
@@ -115,7 +109,7 @@ def test_conv1d_layers_are_quantized_transposed_like_transformers(tokenizer_dir:
     want = reference.model.transformer.h[1].mlp.c_fc.weight.data.clone()
     unload(reference)
     loaded = load_model(resolve_model(str(path)), Budgets((), GiB, False, tmp_path / "b"), engine="accelerate")
-    prefix, as_offloaded = _all_layers(loaded, "cpu")
+    prefix, as_offloaded = all_layers_on(loaded, "cpu")
     loaded.engine = attach_engine(loaded.model, prefix, as_offloaded, torch.device("cpu"), slots=1, tiers=("cpu",),
                                   quant=QuantSettings("int8"))
     layer = loaded.engine.layers[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import greedy
+from conftest import all_layers_on, greedy
 from pipeline.budgets import Budgets, GiB
 from pipeline.engine import OffloadEngine, SyncOps, attach_engine
 from pipeline.loading import load_model, unload
@@ -105,10 +105,9 @@ def test_copies_wait_for_the_slot_and_layers_wait_for_their_copy(tiny_llama: Pat
                                                                   expected) -> None:
     loaded = load_model(resolve_model(str(tiny_llama)), Budgets((), GiB, False, tmp_path / "off"),
                         engine="accelerate")
-    prefix = layer_list(loaded.model)[0]
+    prefix, as_offloaded = all_layers_on(loaded, "cpu")
     ops = RecordingOps()
-    engine = attach_engine(loaded.model, prefix, {**loaded.plan.device_map, **{f"{prefix}.{i}": "cpu" for i in range(4)}},
-                           torch.device("cpu"), slots=2, ops=ops, tiers=("cpu",))
+    engine = attach_engine(loaded.model, prefix, as_offloaded, torch.device("cpu"), slots=2, ops=ops, tiers=("cpu",))
     allocations = ops.allocations
     slot = {s.buffer.data_ptr(): i for i, s in enumerate(engine.slots)}
     ready = {ops.names[id(s.ready)]: i for i, s in enumerate(engine.slots)}
@@ -175,9 +174,8 @@ def test_with_several_gpus_offloaded_layers_take_their_inputs_to_the_engine_devi
     """Hidden states and position embeddings may come from another GPU; the KV cache stays per layer."""
     loaded = load_model(resolve_model(str(tiny_llama)), Budgets((), GiB, False, tmp_path / "off"),
                         engine="accelerate")
-    prefix = layer_list(loaded.model)[0]
-    engine = attach_engine(loaded.model, prefix, {**loaded.plan.device_map, **{f"{prefix}.{i}": "cpu" for i in range(4)}},
-                           torch.device("cpu"), slots=2, tiers=("cpu",), align=True)
+    prefix, as_offloaded = all_layers_on(loaded, "cpu")
+    engine = attach_engine(loaded.model, prefix, as_offloaded, torch.device("cpu"), slots=2, tiers=("cpu",), align=True)
     loaded.engine = engine
     assert greedy(loaded) == expected  # real inputs go through the alignment hook
 

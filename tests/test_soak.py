@@ -120,13 +120,19 @@ def run_child(tiny_llama: Path, offload: Path, *flags: str) -> dict:
     return figures
 
 
+def assert_rss_returned(figures: dict) -> None:
+    """At most 5 % above the baseline at the end (below it is memory given back, not a leak), and no
+    slope of more than 5 % across cycles 10..50 while loaded (a leak per cycle shows there)."""
+    assert figures["change_percent"] <= 5.0, figures
+    series = figures["rss_every_10_cycles_mib"]
+    assert series[-1] - series[0] <= 0.05 * figures["baseline_rss_mib"], figures
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_fifty_reloads_on_the_gpu_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_path: Path) -> None:
     figures = run_child(tiny_llama, tmp_path / "offload", "--gpu")
-    assert figures["change_percent"] <= 5.0, figures  # below the baseline is memory given back, not a leak
-    series = figures["rss_every_10_cycles_mib"]  # loaded, cycles 10..50: a leak shows as a slope
-    assert series[-1] - series[0] <= 0.05 * figures["baseline_rss_mib"], figures
+    assert_rss_returned(figures)
     base = figures["gpu_allocated_baseline_mib"]
     assert abs(figures["gpu_allocated_final_mib"] - base) <= max(0.05 * base, 1.0), figures
     assert figures["leaked_threads"] == [] and figures["offload_left"] == [], figures
@@ -135,9 +141,7 @@ def test_fifty_reloads_on_the_gpu_return_to_baseline(demo_dir: Path, tiny_llama:
 @pytest.mark.slow
 def test_fifty_reloads_return_to_baseline(demo_dir: Path, tiny_llama: Path, tmp_path: Path) -> None:
     figures = run_child(tiny_llama, tmp_path / "offload")
-    assert figures["change_percent"] <= 5.0, figures  # below the baseline is memory given back, not a leak
-    series = figures["rss_every_10_cycles_mib"]  # loaded, cycles 10..50: a leak shows as a slope
-    assert series[-1] - series[0] <= 0.05 * figures["baseline_rss_mib"], figures
+    assert_rss_returned(figures)
     assert figures["disk_plans"] == 2 * CYCLES // 5  # the disk variants really used the disk
     assert figures["leaked_threads"] == [], figures
     assert figures["offload_left"] == [], figures
