@@ -22,7 +22,7 @@ import torch
 
 from .budgets import Budgets
 from .errors import ConfigError, LoadError, ModelSourceError, PipelineError
-from .planning import Plan, load_model_config, plan_device_map, resolve_dtype
+from .planning import MODEL_BUILD_LOCK, Plan, load_model_config, plan_device_map, resolve_dtype
 from .presets import Preset
 from .quantization import QuantSettings
 
@@ -151,7 +151,7 @@ def load_model(
         offload_dir = _offload_folder(budgets.offload_dir, preset, plan, quant)
     try:
         report(0.1, f"Loading weights: {plan.summary}")
-        with _weight_progress(lambda f: report(0.1 + 0.85 * f, "Loading weights")):
+        with MODEL_BUILD_LOCK, _weight_progress(lambda f: report(0.1 + 0.85 * f, "Loading weights")):
             model = AutoModelForCausalLM.from_pretrained(
                 source,
                 device_map=device_map,

@@ -7,11 +7,10 @@ No CUDA calls, no weights read.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
-from collections.abc import Iterator
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,6 +31,14 @@ from .quantization import (
 logger = logging.getLogger(__name__)
 
 Device = int | str  # accelerate's words: GPU index, "cpu", "disk"
+
+# Building a model (accelerate's `init_empty_weights`, transformers' `from_config` and
+# `from_pretrained`) patches process-wide state while it runs: `nn.Module.register_parameter`,
+# torch's default dtype, `PreTrainedModel.tie_weights`, `torch.linspace`. Each context restores
+# what it saw on entry, so two threads building at once restore each other's patches and leave the
+# process broken (every later load keeps its weights on the meta device). Every model construction
+# in this package holds this lock; a preview asked for during a load waits for the load.
+MODEL_BUILD_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -188,7 +195,7 @@ def empty_model(config: Any, trust_remote_code: bool = False, dtype: torch.dtype
     from transformers import AutoModelForCausalLM
 
     try:
-        with init_empty_weights():
+        with MODEL_BUILD_LOCK, init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     except ValueError as exc:
         raise ModelSourceError(
@@ -274,15 +281,14 @@ def plan_device_map(
     tied = find_tied_parameters(model)
 
     def infer(max_memory: dict[Device, int], special_: dict | None) -> dict[str, Device]:
-        with _quiet_missing_gpus():
-            device_map = infer_auto_device_map(
-                model,
-                max_memory=max_memory,
-                no_split_module_classes=list(no_split),
-                dtype=dtype,
-                special_dtypes=special_,
-                clean_result=False,
-            )
+        device_map = infer_auto_device_map(
+            model,
+            max_memory=max_memory,
+            no_split_module_classes=list(no_split),
+            dtype=dtype,
+            special_dtypes=special_,
+            clean_result=False,
+        )
         return _normalize(model, dict(device_map))
 
     gpu_memory = {i: b for i, b in enumerate(budgets.gpu) if b > 0}
@@ -375,16 +381,17 @@ def plan_device_map(
     )
 
 
-@contextlib.contextmanager
-def _quiet_missing_gpus() -> Iterator[None]:
-    """Planning for GPUs this machine lacks is allowed (what-if plans, tests); accelerate warns on each call."""
-    accel_logger = logging.getLogger("accelerate.utils.modeling")
-    level = accel_logger.level
-    accel_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        accel_logger.setLevel(level)
+class _MissingGpuFilter(logging.Filter):
+    """Planning for GPUs this machine lacks is allowed (what-if plans, tests); accelerate warns
+    "Device N is not available" on each call. A filter installed once is thread-safe, where saving
+    and restoring the logger's level around each call was not (concurrent previews could leave it raised)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Device ") and "is not available" in message)
+
+
+logging.getLogger("accelerate.utils.modeling").addFilter(_MissingGpuFilter())
 
 
 def _max_block(model: nn.Module, sizes: dict[str, int]) -> int:

@@ -21,6 +21,12 @@ from .errors import ConfigError
 from .presets import QUANTIZATIONS, Quantization
 
 COMPUTE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+# Skip-list entries reach `re.match` in transformers' module filter (and `_should_convert` here), so a
+# pattern such as "model\\.laye(.|.)*@" backtracks for minutes per module name. Only plain dotted module
+# names are accepted: without quantifiers or groups, matching them is linear in the name's length.
+MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+MAX_SKIP_MODULES = 64
+MAX_MODULE_NAME = 200
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,18 @@ class QuantSettings:
             raise ConfigError(f"int8_threshold={threshold!r}; accepted: a number from 0 to 1000 (default 6.0)")
         if isinstance(self.skip_modules, str):
             object.__setattr__(self, "skip_modules", tuple(s.strip() for s in self.skip_modules.split(",") if s.strip()))
-        if not all(isinstance(s, str) and s for s in self.skip_modules):
+        if not isinstance(self.skip_modules, (list, tuple)) or not all(isinstance(s, str) for s in self.skip_modules):
             raise ConfigError(f"skip_modules={self.skip_modules!r}; accepted: a list of module names")
+        if len(self.skip_modules) > MAX_SKIP_MODULES:
+            raise ConfigError(f"skip_modules has {len(self.skip_modules)} entries; accepted: at most {MAX_SKIP_MODULES}")
+        for name in self.skip_modules:
+            if len(name) > MAX_MODULE_NAME or not MODULE_NAME.fullmatch(name):
+                shown = name if len(name) <= 60 else name[:57] + "..."
+                raise ConfigError(
+                    f"skip_modules entry {shown!r} is not a module name; accepted: plain dotted module names of at "
+                    f"most {MAX_MODULE_NAME} characters, such as 'lm_head' or 'model.layers.0.mlp' (letters, digits, "
+                    "'_' and '.', no patterns)"
+                )
         object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"compute_dtype={self.compute_dtype!r}; accepted: {list(COMPUTE_DTYPES)}")

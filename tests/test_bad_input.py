@@ -103,6 +103,10 @@ LOAD_CASES = [
     ("budgets that cannot fit", {"cpu": 0.001, "disk": False}, "does not fit"),
     ("negative 8-bit threshold", {"threshold": -1.0}, "int8_threshold=-1.0"),
     ("unknown 4-bit compute dtype", {"quant": "4-bit", "compute": "float8"}, "compute_dtype='float8'|float8"),
+    # A regex that backtracks for minutes inside transformers' module filter (it ran 104-209 s):
+    # refused before anything is matched against module names.
+    ("pathological pattern in the skip list", {"quant": "8-bit", "skip": r"lm_head,model\.laye(.|.)*@"},
+     r"skip_modules entry .* is not a module name; accepted: plain dotted module names"),
 ]
 
 

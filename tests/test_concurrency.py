@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,3 +104,72 @@ def test_reload_mid_stream_ends_that_stream_cleanly(url: str, endless_model: Pat
         job.result(timeout=60)
     assert len(job.outputs()) >= 1  # the user saw the partial reply before the message
     assert admin.predict(*chat_args("Hello", 8), api_name="/chat")  # and the next message is answered
+
+
+def _global_state() -> dict:
+    """What building a model patches process-wide while it runs (and must restore)."""
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel
+
+    return {"register_parameter": nn.Module.register_parameter, "register_buffer": nn.Module.register_buffer,
+            "tie_weights": PreTrainedModel.tie_weights, "linspace": torch.linspace,
+            "default_dtype": torch.get_default_dtype()}
+
+
+def test_parallel_planning_leaves_the_process_healthy(tiny_llama: Path, tmp_path: Path) -> None:
+    """Many previews at once (the app's /plan, sliders, page loads) while a model loads: afterwards
+    nothing is left patched, and a load puts real weights in memory and answers like before."""
+    import torch
+
+    from conftest import greedy
+    from pipeline.budgets import GiB, GPUInfo, Hardware
+    from pipeline.session import ModelManager, Settings
+
+    before = _global_state()
+    manager = ModelManager(Hardware((), 16 * GiB, 12 * GiB, 50 * GiB))
+    # A simulated GPU: its plans build the model in float16, the CPU's in float32, so overlapping
+    # builds also fight over torch's default dtype.
+    gpu_manager = ModelManager(Hardware((GPUInfo(0, "T4", 16 * GiB, 15 * GiB),), 16 * GiB, 12 * GiB, 50 * GiB))
+    cpu_plans = [Settings(model=name, cpu_gib=gib, offload_dir=str(tmp_path / "off"))
+                 for name in ("demo", str(tiny_llama)) for gib in (0.001, 0.01, 1.0)]
+    gpu_plans = [replace(s, gpu_gib=(0.001,)) for s in cpu_plans]
+    reference = ModelManager(Hardware((), 16 * GiB, 12 * GiB, 50 * GiB))
+    reference.load(Settings(model=str(tiny_llama), cpu_gib=1, offload_dir=str(tmp_path / "ref")))
+    expected = greedy(reference.current)
+    reference.current.unload()
+
+    def plan(i: int) -> str:
+        if i % 2:
+            return manager.plan(cpu_plans[i % len(cpu_plans)]).summary
+        return gpu_manager.plan(gpu_plans[i % len(gpu_plans)]).summary
+
+    def load() -> list[int]:
+        manager.load(Settings(model=str(tiny_llama), cpu_gib=1, offload_dir=str(tmp_path / "off")))
+        return greedy(manager.current)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        plans = [pool.submit(plan, i) for i in range(48)]
+        loading = pool.submit(load)
+        more = [pool.submit(plan, i) for i in range(48, 64)]
+        assert all(p.result(timeout=300) for p in plans + more)
+        assert loading.result(timeout=300) == expected
+    assert _global_state() == before, "building models in parallel left process-wide state patched"
+    manager.load(Settings(model=str(tiny_llama), cpu_gib=1, offload_dir=str(tmp_path / "off")))
+    assert not any(p.is_meta for p in manager.current.model.parameters())
+    assert greedy(manager.current) == expected
+    assert torch.get_default_dtype() == torch.float32
+    manager.current.unload()
+
+
+def test_parallel_plan_calls_through_the_api_leave_the_app_answering(url: str) -> None:
+    """The probe that broke the process: ten /plan calls from two clients at once, then chat."""
+    reference = client(url).predict(*chat_args(PROMPTS[3], 16), api_name="/chat")
+    clients = [client(url), client(url)]
+
+    def plan(i: int) -> str:
+        return clients[i % 2].predict("demo", [0.001, 0.01, 0.5][i % 3], True, "none", "", api_name="/plan")["summary"]
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        assert all(pool.map(plan, range(10)))
+    assert client(url).predict(*chat_args(PROMPTS[3], 16), api_name="/chat") == reference
