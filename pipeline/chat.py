@@ -1,15 +1,12 @@
-"""Chat streaming: one generator that yields reply text as tokens arrive.
+"""Chat: prompts built with the chat template, and one generator that yields reply text as tokens arrive.
 
-`generate` runs on a worker thread feeding a `TextIteratorStreamer`; `stream_chat` hides the
-thread: it waits for the reply's job in `finally`, re-raises its exception in the caller, stops it within one token
-on cancellation, and never yields half a character or the start of a stop string.
+The tokens come from the model's serving worker (`pipeline.serving`), which batches every chat;
+the text layer (`pipeline.textstream`) never yields half a character or the start of a stop string.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import queue
 import re
 import threading
 import time
@@ -17,22 +14,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .errors import ConfigError, GenerationError
 from .loading import LoadedModel
 from .params import GenerationParams
+from .textstream import TextStream
 
 logger = logging.getLogger(__name__)
 
 Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": str}
 ROLES = ("system", "user", "assistant")
 MAX_MESSAGE_CHARS = 200_000  # a longer message cannot fit any context we serve; refuse before tokenizing
-_POLL_SECONDS = 0.05
-# Replies are generated on a few long-lived worker threads, not on a new thread each: CUDA libraries
-# keep per-thread state (cuBLAS handles and workspaces) that a thread's exit does not give back.
-# Measured on an H100: +4.4 MiB of RSS per reply thread, none with reused threads.
-_WORKERS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="generate")
 
 # For base models without a chat template (Bloom): plain dialogue lines the model can continue.
 FALLBACK_TEMPLATE = (
@@ -146,55 +137,6 @@ def build_prompt(tokenizer: Any, messages: Sequence[Message], context_length: in
         turns = turns[next_user:]
 
 
-def _counting_streamer(tokenizer: Any) -> Any:
-    """A TextIteratorStreamer that emits every token's text (not word by word), counts new tokens
-    and stamps the first one. Text ending in U+FFFD (a multi-byte character split across tokens)
-    waits for the next token. Defined here so transformers is imported only when chatting."""
-    from transformers import TextIteratorStreamer
-
-    class CountingStreamer(TextIteratorStreamer):
-        def __init__(self) -> None:
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            self.new_tokens = 0
-            self.first_token_at: float | None = None
-
-        def put(self, value: torch.Tensor) -> None:
-            if value.dim() > 1:
-                value = value[0]  # [batch=1, seq] -> [seq]
-            if self.next_tokens_are_prompt:
-                self.next_tokens_are_prompt = False
-                return
-            self.new_tokens += int(value.numel())
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
-            self.token_cache.extend(value.tolist())
-            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
-            if text.endswith("\ufffd"):
-                return
-            printable = text[self.print_len :]
-            if text.endswith("\n"):  # start a fresh cache: decoding stays O(line), not O(reply)
-                self.token_cache, self.print_len = [], 0
-            else:
-                self.print_len = len(text)
-            if printable:
-                self.on_finalized_text(printable)
-
-    return CountingStreamer()
-
-
-def _holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters to keep back: a half-decoded character or a possible stop-string start."""
-    keep = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                keep = max(keep, n)
-                break
-    if text[len(text) - keep - 1 : len(text) - keep] == "\ufffd":
-        keep += 1
-    return keep
-
-
 def stream_chat(
     loaded: LoadedModel,
     messages: Sequence[Message],
@@ -203,12 +145,13 @@ def stream_chat(
     cancel: threading.Event | None = None,
     stats: ReplyStats | None = None,
 ) -> Iterator[str]:
-    """Yield the reply to `messages` piece by piece as the model generates it.
+    """Yield the reply to `messages` piece by piece as the model's serving worker produces it.
 
-    Setting `cancel` (or closing the generator) stops generation within one token. An exception
-    in the generation thread is raised here as GenerationError. `stats` is filled in as it goes.
+    The reply is one request to the model's `Server`, batched with every other chat. Setting
+    `cancel` (or closing the generator) ends it within one decode step. A failure of the request
+    is raised here as GenerationError. `stats` is filled in as it goes.
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from .serving import server_for
 
     params = params or loaded.preset.generation
     stats = stats if stats is not None else ReplyStats()
@@ -217,103 +160,34 @@ def stream_chat(
     started = time.perf_counter()
     prompt = build_prompt(loaded.tokenizer, messages, loaded.context_length, params.max_new_tokens)
     stats.prompt_tokens, stats.dropped_turns = len(prompt.input_ids), prompt.dropped_turns
-    stops = tuple(dict.fromkeys(params.stop + prompt.stop))
-    stop_now = threading.Event()
-    cancel = cancel or threading.Event()
-
-    class Interrupt(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            halt = stop_now.is_set() or cancel.is_set()
-            return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
-
-    streamer = _counting_streamer(loaded.tokenizer)
-    device = loaded.plan.compute_device
-    input_ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)  # [1, prompt]
-    tokenizer = loaded.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs: dict[str, Any] = dict(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=params.max_new_tokens,
-        do_sample=not params.greedy,
-        repetition_penalty=params.repetition_penalty,
-        streamer=streamer,
-        stopping_criteria=StoppingCriteriaList([Interrupt()]),
-        pad_token_id=pad,
-    )
-    if not params.greedy:
-        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-    else:  # the checkpoint's sampling defaults would otherwise trigger warnings with do_sample=False
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            # The thread, not the consumer, holds the lock: replies queue up one at a time, and
-            # unload() waits only for a generation that a cancel ends within one token.
-            with loaded.lock, torch.inference_mode():
-                if loaded.model is None:
-                    raise GenerationError("the model was unloaded before this reply started")
-                if params.seed is not None:
-                    from transformers import set_seed
-
-                    set_seed(params.seed)
-                loaded.model.generate(**kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who re-raises it
-            failure.append(exc)
-            streamer.end()
-
-    job = _WORKERS.submit(run)
-    text, sent = "", 0
-    finished = False
+    text = TextStream(loaded.tokenizer, tuple(dict.fromkeys(params.stop + prompt.stop)))
+    handle = server_for(loaded).submit(prompt.input_ids, params, cancel)
     try:
-        while not finished:
-            try:
-                chunk = streamer.text_queue.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
-                finished = job.done() and streamer.text_queue.empty()
-                continue
-            if chunk is streamer.stop_signal:
-                finished, chunk = True, ""
-            text += chunk
-            hit = min((i for s in stops if (i := text.find(s, max(0, sent - len(s)))) >= 0), default=-1)
-            if hit >= 0:
-                text = text[:hit]
-                stop_now.set()
-                stats.finish_reason = "stop"
-                finished = True
-            end = len(text) if finished else len(text) - _holdback(text, stops)
-            if end > sent:
+        for token in handle:
+            stats.new_tokens += 1
+            piece = text.push([token])
+            if text.stopped:
+                handle.stop()  # the worker ends the request at its next step
+            if piece:
                 stats.time_to_first_token = stats.time_to_first_token or time.perf_counter() - started
-                piece, sent = text[sent:end], end
                 yield piece
+            if text.stopped:
+                break
+        piece = text.finish()
+        if piece:
+            stats.time_to_first_token = stats.time_to_first_token or time.perf_counter() - started
+            yield piece
     finally:
-        stop_now.set()
-        try:
-            job.result(timeout=600)  # run() hands its own exceptions over in `failure`
-        except concurrent.futures.TimeoutError:
-            logger.error("generation thread did not stop within 600 s")
-        stats.new_tokens = streamer.new_tokens
+        handle.close()
         stats.seconds = time.perf_counter() - started
-        if streamer.first_token_at is not None and stats.time_to_first_token is None:
-            stats.time_to_first_token = streamer.first_token_at - started
-        if not stats.finish_reason:
-            stats.finish_reason = _finish_reason(cancel, stats, params)
-    if failure:
-        exc = failure[0]
-        if isinstance(exc, GenerationError):
-            raise exc
-        if isinstance(exc, torch.OutOfMemoryError):
-            raise GenerationError("out of GPU memory during generation; lower the GPU budget or max_new_tokens") from exc
-        raise GenerationError(f"generation failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _finish_reason(cancel: threading.Event, stats: ReplyStats, params: GenerationParams) -> str:
-    if cancel.is_set():
-        return "cancelled"
-    if stats.new_tokens >= params.max_new_tokens:
-        return "length"
-    return "eos"
+        finished = handle.finished
+        if text.stopped:
+            stats.finish_reason = "stop"
+        elif finished is not None:
+            stats.finish_reason = finished.reason
+            stats.new_tokens = finished.new_tokens
+        else:
+            stats.finish_reason = "cancelled"
 
 
 def chat(

@@ -33,6 +33,7 @@ ProgressCallback = Callable[[float, str], None]  # (fraction 0..1, what is happe
 DEFAULT_CONTEXT = 2048
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _progress_lock = threading.Lock()  # the weight-progress hook patches a module global
+_unload_lock = threading.Lock()
 
 
 @dataclass
@@ -47,8 +48,8 @@ class LoadedModel:
     context_length: int
     offload_dir: Path | None
     load_seconds: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
     engine: Any = None  # the OffloadEngine running offloaded layers, or None (accelerate's hooks or none)
+    server: Any = None  # the serving worker (pipeline.serving.Server) that alone runs the model, once started
 
     @property
     def loaded(self) -> bool:
@@ -245,8 +246,14 @@ def _attach_engine(model: Any, plan: Plan, quant: QuantSettings, offload_dir: Pa
 
 
 def unload(loaded: LoadedModel) -> None:
-    """Free the model's GPU and CPU memory and delete its offload folder. Safe to call twice."""
-    with loaded.lock:
+    """Free the model's GPU and CPU memory and delete its offload folder. Safe to call twice.
+
+    The serving worker is closed first: its requests end with an error saying the model was
+    unloaded (a reload closes it earlier, with its own message), and nothing runs the model after."""
+    with _unload_lock:
+        if loaded.server is not None:
+            loaded.server.close("the model was unloaded")
+            loaded.server = None
         model, loaded.model = loaded.model, None
         if loaded.engine is not None:
             loaded.engine.close()  # hooks, slots, pinned buffers, the disk reader thread

@@ -176,7 +176,7 @@ def load_app_config(path: Path = CONFIG_DIR / "app.yaml") -> dict[str, Any]:
     """App defaults: default model, offload folder, default budgets."""
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     allowed = {"default_model", "offload_dir", "gpu_memory_fraction", "cpu_memory_fraction", "disk", "disk_cap_gib",
-               "model_roots"}
+               "model_roots", "serving"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")

@@ -1,9 +1,9 @@
 """The one loaded model an app serves, shared safely by every browser session.
 
-Generation and reload never race: replies hold the model's lock while they stream; a reload first
-cancels the streams in flight (each ends within one token with a message), then swaps the model.
-If the new model fails to load, the previous settings are loaded again, or the status says plainly
-that no model is loaded.
+Every reply is a request to the loaded model's serving worker (`pipeline.serving`), which batches
+them. A reload closes that worker first (replies in flight end at once with a message saying why),
+then swaps the model. If the new model fails to load, for any reason, the previous settings are
+loaded again, or the status says plainly that no model is loaded.
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from typing import Any
 
 from .budgets import Budgets, Hardware, detect_hardware, make_budgets
 from .chat import Message, ReplyStats, stream_chat
-from .errors import GenerationError, PipelineError
+from .errors import GenerationError, LoadError, PipelineError
 from .loading import LoadedModel, ProgressCallback, load_model, prepare, unload
 from .params import GenerationParams
 from .planning import Plan, device_label, format_bytes
 from .presets import Preset, resolve_model
 from .quantization import QuantSettings
+from .serving import ServingLimits, server_for
 
 logger = logging.getLogger(__name__)
+
+RELOAD_MESSAGE = "the reply was stopped because the model is being reloaded"
 
 
 @dataclass(frozen=True)
@@ -51,15 +54,15 @@ class Resolved:
 class ModelManager:
     """Owns the current LoadedModel; every app session goes through it."""
 
-    def __init__(self, hardware: Hardware | None = None, allowed_roots: Sequence[Path] | None = None) -> None:
+    def __init__(self, hardware: Hardware | None = None, allowed_roots: Sequence[Path] | None = None,
+                 limits: ServingLimits | None = None) -> None:
         self.hardware = hardware
         self.allowed_roots = allowed_roots  # set: local model paths must lie in these folders (shared apps)
+        self.limits = limits  # the serving worker's limits (None: configs/app.yaml)
         self.current: LoadedModel | None = None
         self.settings: Settings | None = None
         self.status = "No model loaded."
-        self._swap = threading.Lock()  # held while the model is replaced
-        self._streams: set[threading.Event] = set()
-        self._streams_lock = threading.Lock()
+        self._swap = threading.Lock()  # held while the model is replaced; a reply starts before or after
 
     def resolve(self, settings: Settings) -> Resolved:
         """Validate settings into a preset, byte budgets and quantization settings (raises PipelineError)."""
@@ -88,19 +91,23 @@ class ModelManager:
         resolved = self.resolve(settings)  # bad input fails here, before anything is unloaded
         prepared = prepare(resolved.preset, resolved.budgets, resolved.quant)  # so does "does not fit"
         with self._swap:
-            self.cancel_all()
             previous, previous_settings = self.current, self.settings
             if previous is not None:
-                unload(previous)  # waits for the model lock: cancelled streams end within one token
+                if previous.server is not None:
+                    previous.server.close(RELOAD_MESSAGE)  # replies in flight end now, with this message
+                unload(previous)
                 self.current = None
             try:
                 self.current = load_model(resolved.preset, resolved.budgets, progress=progress, prepared=prepared)
                 self.settings = settings
                 self.status = f"Loaded {resolved.preset.display_name}."
                 return self.current
-            except PipelineError as exc:
+            except Exception as exc:
+                if not isinstance(exc, PipelineError):  # a library error no check foresaw: keep its traceback
+                    logger.exception("loading %s failed", settings.model)
+                    exc = LoadError(f"loading {settings.model!r} failed: {type(exc).__name__}: {exc}")
                 self.status = self._restore(previous_settings, exc)
-                raise
+                raise exc from None
 
     def _restore(self, previous: Settings | None, exc: Exception) -> str:
         if previous is None:
@@ -110,15 +117,10 @@ class ModelManager:
             self.current = load_model(resolved.preset, resolved.budgets, resolved.quant)
             self.settings = previous
             return f"Loading failed ({exc}); {resolved.preset.display_name} is loaded again."
-        except PipelineError as again:
-            logger.error("restoring the previous model failed: %s", again)
+        except Exception as again:
+            logger.error("restoring the previous model failed: %s", again, exc_info=not isinstance(again, PipelineError))
             self.current, self.settings = None, None
             return f"No model loaded: {exc}; restoring the previous model also failed: {again}"
-
-    def cancel_all(self) -> None:
-        with self._streams_lock:
-            for event in self._streams:
-                event.set()
 
     def stream(
         self,
@@ -128,34 +130,13 @@ class ModelManager:
         cancel: threading.Event | None = None,
         stats: ReplyStats | None = None,
     ) -> Iterator[str]:
-        """Stream a reply from the current model; a reload cancels it (GenerationError tells why)."""
-        cancel = cancel or threading.Event()
-        reloaded = threading.Event()
+        """Stream a reply from the current model; a reload ends it with a GenerationError saying so."""
         with self._swap:  # a reply never starts half-way through a swap
             loaded = self.current
             if loaded is None or not loaded.loaded:
                 raise GenerationError(f"no model is loaded. {self.status}")
-            with self._streams_lock:
-                self._streams.add(reloaded)
-        watcher_done = threading.Event()
-
-        def forward() -> None:  # a reload's cancel reaches this stream's generation
-            while not watcher_done.wait(0.05):
-                if reloaded.is_set():
-                    cancel.set()
-                    return
-
-        watcher = threading.Thread(target=forward, daemon=True, name="reload-watch")
-        watcher.start()
-        try:
-            yield from stream_chat(loaded, messages, params, cancel=cancel, stats=stats)
-        finally:
-            watcher_done.set()
-            watcher.join()
-            with self._streams_lock:
-                self._streams.discard(reloaded)
-        if reloaded.is_set():
-            raise GenerationError("the reply was stopped because the model is being reloaded")
+            server_for(loaded, self.limits)
+        yield from stream_chat(loaded, messages, params, cancel=cancel, stats=stats)
 
     def describe(self) -> dict[str, Any]:
         """Status for the UI: model, quantization, placement and memory per device."""
@@ -179,7 +160,22 @@ class ModelManager:
             "summary": plan.summary,
             "context_length": loaded.context_length,
             "offload": _offload_path(loaded) if plan.offloaded else "",
+            "serving": serving_text(loaded),
         }
+
+
+def serving_text(loaded: LoadedModel) -> str:
+    """How many chats the worker answers together now, and how many wait."""
+    server = loaded.server
+    if server is None:
+        return "idle"
+    running, waiting = server.running, server.waiting
+    text = f"{running} chat{'s' if running != 1 else ''} being answered together" if running else "idle"
+    if waiting:
+        text += f", {waiting} waiting"
+    if server.batchable is False:
+        text += " (this model's cache is served one chat at a time)"
+    return text
 
 
 def _offload_path(loaded: LoadedModel) -> str:
