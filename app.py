@@ -39,14 +39,33 @@ QUANT_LABELS = {"none": "none", "8-bit": "int8", "4-bit": "4bit"}
 CONCURRENCY = 4  # browser events processed at once; generation itself runs one reply at a time
 
 manager = ModelManager(HARDWARE)
-_cancels: dict[str, threading.Event] = {}  # per browser session: the Stop button's event
-_cancels_lock = threading.Lock()
 
 
-def _session_cancel(request: gr.Request | None) -> threading.Event:
+class ChatSession:
+    """One browser page's reply state: the Stop button's event, and an epoch that Clear advances so
+    that a reply still streaming never writes into the cleared chat."""
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.epoch = 0
+
+    def begin(self) -> int:
+        self.cancel.clear()
+        return self.epoch
+
+    def reset(self) -> None:
+        self.epoch += 1
+        self.cancel.set()
+
+
+_sessions: dict[str, ChatSession] = {}
+_sessions_lock = threading.Lock()
+
+
+def _session(request: gr.Request | None) -> ChatSession:
     key = getattr(request, "session_hash", None) or "default"
-    with _cancels_lock:
-        return _cancels.setdefault(key, threading.Event())
+    with _sessions_lock:
+        return _sessions.setdefault(key, ChatSession())
 
 
 def _quant_label(mode: str) -> str:
@@ -109,7 +128,7 @@ def status_markdown() -> str:
         f"**{info['model']}** · {info['dtype']} · quantization **{info['quantization']}** · "
         f"context {info['context_length']} tokens  \n"
         f"Placement: {info['placement']}{' (offloaded layers run with the ' + info['offload'] + ')' if info['offload'] else ''}"
-        f"  \nPlanned: {info['memory']}  \nIn use: {info['in_use']}  \n{info['status']}"
+        f"  \nPlanned: {info['memory']}  \nIn use: {info['in_use']}  \nServing: {info['serving']}  \n{info['status']}"
     )
 
 
@@ -157,28 +176,43 @@ def add_user_message(message: str, history: list[dict]) -> tuple[Any, Any]:
     return "", history + [{"role": "user", "content": chat_display(message)}]
 
 
-def respond(history: list[dict], system: str, *gen: Any, request: gr.Request = None):
-    """Stream the assistant's reply into the chat, then its stats under it."""
+def respond(history: list[dict], system: str, max_new: Any, temperature: Any, top_p: Any, top_k: Any, penalty: Any,
+            seed: Any, request: gr.Request = None):
+    """Stream the assistant's reply into the chat, then its stats under it.
+
+    The request comes before nothing variadic: Gradio fills a `gr.Request` parameter only then, and
+    Stop, Clear and closing the page reach this reply through that page's session."""
     if not history or history[-1].get("role") != "user":
         yield gr.skip()  # nothing to answer (an empty message was refused); a bare return would clear the chat
         return
-    cancel = _session_cancel(request)
-    cancel.clear()
+    session = _session(request)
+    epoch = session.begin()
     history = history + [{"role": "assistant", "content": ""}]
     stats = ReplyStats()
     reply = ""
     try:
-        params = generation_params(*gen)
-        for piece in manager.stream(model_messages(history[:-1], system), params, cancel=cancel, stats=stats):
+        params = generation_params(max_new, temperature, top_p, top_k, penalty, seed)
+        for piece in manager.stream(model_messages(history[:-1], system), params, cancel=session.cancel, stats=stats):
+            if session.epoch != epoch:
+                # Cleared: the stream is cancelled. An update this stream sent just before Clear may
+                # still reach the page after Clear's empty chat, so the last word is an empty chat.
+                yield []
+                return
             reply += piece
             history[-1]["content"] = chat_display(reply)
             yield history
     except PipelineError as exc:
+        if session.epoch != epoch:
+            yield []
+            return
         if not history[-1]["content"]:
             history.pop()
         history.append({"role": "assistant", "content": chat_display(str(exc)),
                         "metadata": {"title": "Error", "status": "done"}})
         yield history
+        return
+    if session.epoch != epoch:
+        yield []
         return
     if not history[-1]["content"]:
         history[-1]["content"] = "(no text)"
@@ -188,17 +222,39 @@ def respond(history: list[dict], system: str, *gen: Any, request: gr.Request = N
     yield history
 
 
+def send_message(message: str, history: list[dict], system: str, max_new: Any, temperature: Any, top_p: Any,
+                 top_k: Any, penalty: Any, seed: Any, request: gr.Request = None):
+    """Enter or Send: the message joins the chat, the box empties, and the reply streams in.
+
+    One event for both triggers with trigger_mode="always_last": a message sent while this page's
+    reply still streams waits in the box and is sent when the reply ends, so it is never lost and
+    never overwritten by the running stream."""
+    box, history = add_user_message(message, history)
+    if isinstance(history, type(gr.skip())):
+        yield box, history
+        return
+    yield box, history
+    for update in respond(history, system, max_new, temperature, top_p, top_k, penalty, seed, request):
+        yield gr.skip(), update
+
+
 def stop(request: gr.Request = None) -> None:
-    _session_cancel(request).set()
+    _session(request).cancel.set()
+
+
+def clear_chat(request: gr.Request = None) -> list:
+    """Clear: stop this page's reply and empty the chat (the reply will not write into it again)."""
+    _session(request).reset()
+    return []
 
 
 def forget_session(request: gr.Request = None) -> None:
-    """A closed page: drop its Stop event (and stop its reply, if one is streaming)."""
+    """A closed page: stop its reply, if one is streaming, and forget the page."""
     key = getattr(request, "session_hash", None)
-    with _cancels_lock:
-        event = _cancels.pop(key, None) if key else None
-    if event is not None:
-        event.set()
+    with _sessions_lock:
+        session = _sessions.pop(key, None) if key else None
+    if session is not None:
+        session.reset()
 
 
 def drop_last_reply(history: list[dict]) -> list[dict]:
@@ -271,8 +327,11 @@ def build_app() -> gr.Blocks:
                 status = gr.Markdown(status_markdown(), elem_id="status")
             with gr.Column(scale=3, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", height=520, elem_id="chatbot", buttons=["copy", "copy_all"])
-                message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, lines=2,
-                                     elem_id="message", autofocus=True, submit_btn=False)
+                # lines=1: Gradio sends on Enter only for a one-line box; it still grows to max_lines,
+                # and Shift+Enter makes a new line.
+                message = gr.Textbox(placeholder="Type a message: Enter sends, Shift+Enter makes a new line",
+                                     show_label=False, lines=1, max_lines=8, elem_id="message", autofocus=True,
+                                     submit_btn=False)
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", scale=2, elem_id="send")
                     stop_button = gr.Button("Stop", scale=1, elem_id="stop")
@@ -280,7 +339,8 @@ def build_app() -> gr.Blocks:
                 with gr.Accordion("Generation", open=False):
                     system = gr.Textbox("", label="System prompt", lines=2)
                     gen = PRESETS[default_model].generation if default_model in PRESETS else GenerationParams()
-                    max_new = gr.Slider(1, 2048, value=gen.max_new_tokens, step=1, label="Max new tokens")
+                    max_new = gr.Slider(1, 2048, value=gen.max_new_tokens, step=1, label="Max new tokens",
+                                        elem_id="max-new")
                     temperature = gr.Slider(0, 2, value=gen.temperature, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1, value=gen.top_p, step=0.01, label="Top-p")
                     top_k = gr.Slider(0, 200, value=gen.top_k, step=1, label="Top-k (0 = off)")
@@ -337,17 +397,17 @@ def build_app() -> gr.Blocks:
                     concurrency_limit=1, concurrency_id="reload")
         gr.api(preview_api, api_name="plan")
 
-        submitted = [message.submit, send.click]
-        for trigger in submitted:
-            trigger(add_user_message, [message, chatbot], [message, chatbot], api_visibility="private",
-                    show_progress="hidden").then(respond, [chatbot, system, *gen_inputs], chatbot,
-                                                 api_visibility="private", show_progress="hidden")
+        gr.on([message.submit, send.click], send_message, [message, chatbot, system, *gen_inputs], [message, chatbot],
+              api_visibility="private", show_progress="hidden", trigger_mode="always_last")
         stop_button.click(stop, None, None, api_visibility="private", queue=False)
-        clear.click(lambda: [], None, chatbot, api_visibility="private", queue=False)
+        clear.click(clear_chat, None, chatbot, api_visibility="private", queue=False)
         chatbot.retry(drop_last_reply, chatbot, chatbot, api_visibility="private").then(
             respond, [chatbot, system, *gen_inputs], chatbot, api_visibility="private", show_progress="hidden")
         chatbot.undo(undo, chatbot, [chatbot, message], api_visibility="private")
-        chatbot.clear(lambda: [], None, chatbot, api_visibility="private")
+        chatbot.clear(clear_chat, None, chatbot, api_visibility="private", queue=False)
+        # Every page's status follows reloads made elsewhere and how many chats are being answered.
+        gr.Timer(2.0).tick(status_markdown, None, status, api_visibility="private", show_progress="hidden",
+                           queue=False)
         gr.api(api_chat, api_name="chat")
         demo.unload(forget_session)
     return demo

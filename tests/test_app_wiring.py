@@ -56,12 +56,47 @@ def test_the_model_sees_no_stats_or_error_notes() -> None:
     assert messages[-1]["content"] == "Amen"
 
 
-def test_stop_cancels_the_reply() -> None:
-    stream = app.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1)
+class Page:
+    """What Gradio passes as `gr.Request`: the page's session hash."""
+
+    def __init__(self, session_hash: str) -> None:
+        self.session_hash = session_hash
+
+
+def test_stop_cancels_that_pages_reply_only() -> None:
+    mine, other = Page("page-a"), Page("page-b")
+    stream = app.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, mine)
+    neighbour = app.respond([{"role": "user", "content": "In the beginning"}], "", 60, 0, 0.9, 50, 1.0, -1, other)
+    next(stream), next(neighbour)
+    app.stop(mine)
+    assert "stopped" in list(stream)[-1][-1]["metadata"]["title"]
+    final = list(neighbour)[-1]
+    assert "stopped" not in final[-1]["metadata"]["title"] and "finished: " in final[-1]["content"]
+
+
+def test_gradio_fills_the_request_of_every_chat_event() -> None:
+    """Gradio fills a gr.Request parameter only when no *args comes before it."""
+    import inspect
+
+    for function in (app.respond, app.send_message, app.stop, app.clear_chat, app.forget_session):
+        kinds = [p.kind for p in inspect.signature(function).parameters.values()]
+        assert inspect.Parameter.VAR_POSITIONAL not in kinds, function.__name__
+        assert "request" in inspect.signature(function).parameters, function.__name__
+
+
+def test_clear_stops_the_reply_and_it_never_writes_into_the_cleared_chat() -> None:
+    page = Page("page-c")
+    stream = app.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, page)
     next(stream)
-    app.stop()  # no request: the default session, as used here
-    final = list(stream)[-1]
-    assert "stopped" in final[-1]["metadata"]["title"]
+    assert app.clear_chat(page) == []
+    assert list(stream) == [[]]  # only the empty chat: the stream would have put the conversation back
+
+
+def test_a_message_sent_joins_the_chat_and_is_answered() -> None:
+    updates = list(app.send_message("And God said", [], "", *GEN, Page("page-d")))
+    box, history = updates[0]
+    assert box == "" and history == [{"role": "user", "content": "And God said"}]
+    assert "tokens/s" in updates[-1][1][-1]["metadata"]["title"]
 
 
 def test_retry_and_undo() -> None:
@@ -125,9 +160,18 @@ def test_shared_app_writes_offload_files_only_under_its_root(monkeypatch: pytest
 
 
 def test_closing_a_page_stops_its_reply_and_forgets_it() -> None:
-    class Request:
-        session_hash = "page-1"
+    page = Page("page-1")
+    stream = app.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, page)
+    next(stream)
+    app.forget_session(page)
+    assert list(stream) == [[]] and "page-1" not in app._sessions
+    assert app.manager.current.server.running == 0 or _eventually_idle()
 
-    event = app._session_cancel(Request())
-    app.forget_session(Request())
-    assert event.is_set() and "page-1" not in app._cancels
+
+def _eventually_idle() -> bool:
+    import time
+
+    deadline = time.monotonic() + 10
+    while app.manager.current.server.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return app.manager.current.server.running == 0
