@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,6 +189,8 @@ class Server:
         self._lock = threading.Lock()  # guards _closed against submit
         self.steps = 0  # decode steps run (tests and stats)
         self.peak_batch = 0
+        # Tests: called on the worker with (handles, logits [rows, vocab]) at every prefill and step.
+        self.probe: Callable[[list[Handle], torch.Tensor], None] | None = None
         self._future = _THREADS.submit(self._run)
 
     # --- client side ------------------------------------------------------------------------
@@ -417,6 +419,8 @@ class Server:
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Pick each row's next token, hand it to its client, and return the indices of rows that go on."""
+        if self.probe is not None:
+            self.probe([r.request.handle for r in rows], logits)
         greedy = [i for i, r in enumerate(rows) if r.processors is None]
         picked: dict[int, int] = {}
         if greedy:
