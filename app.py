@@ -7,6 +7,7 @@ Run: python app.py [--model demo] [--host 127.0.0.1] [--port 7860] [--share] [--
 from __future__ import annotations
 
 import argparse
+import html
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 import gradio as gr
 
+from pipeline.access import Access, parse_credentials
 from pipeline.budgets import GiB, app_default_budgets, detect_hardware
 from pipeline.chat import ReplyStats
 from pipeline.errors import PipelineError
@@ -39,6 +41,8 @@ QUANT_LABELS = {"none": "none", "8-bit": "int8", "4-bit": "4bit"}
 CONCURRENCY = 4  # browser events processed at once; generation itself runs one reply at a time
 
 manager = ModelManager(HARDWARE)
+ACCESS = Access()  # main() makes it shared (share link, Space, --shared) and sets the operator's account
+ERROR_MARK = "⚠️ **Error:** "  # starts every error note in the chat; the model never sees those notes
 
 
 class ChatSession:
@@ -132,14 +136,55 @@ def status_markdown() -> str:
     )
 
 
-def apply_settings(*values: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
-    """Unload the current model and load the new plan (cancelling replies in flight)."""
+def still_loaded() -> str:
+    info = manager.describe()
+    if info["loaded"]:
+        return f"{info['model']} is still loaded: chats go on as before."
+    return f"No model is loaded now. {info['status']}"
+
+
+def apply_settings(operator: bool, *values: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
+    """API `/load_model`: unload the current model and load the new plan (cancelling replies in flight);
+    returns the status and the plan picture, or raises an error that says what is loaded now.
+
+    `operator` is the caller's role (server-side state: an API client cannot set it)."""
+    if not operator:
+        logger.warning("a visitor's reload was refused")
+        raise gr.Error("Only the operator of this shared app can change the model, its budgets, quantization or "
+                       "offload folder; visitors can chat and see the plan (" + ACCESS.describe() + ").",
+                       print_exception=False)
     try:
         settings = make_settings(*values)
         manager.load(settings, progress=lambda f, message: progress(f, desc=message))
     except PipelineError as exc:
-        raise gr.Error(f"{exc} — {manager.status}", print_exception=False) from None
+        logger.warning("Apply & reload failed: %s", exc)
+        raise gr.Error(f"Loading failed: {exc}. {still_loaded()}", print_exception=False) from None
     return status_markdown(), preview(*values)
+
+
+def apply_from_page(operator: bool, *values: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, str, str]:
+    """The Apply button: like the API, but a failure is a message beside the button (the status and the
+    plan stay readable), saying plainly whether the previous model still answers."""
+    try:
+        status, picture = apply_settings(operator, *values, progress=progress)
+    except gr.Error as exc:
+        box = ('<div class="load-failed" role="alert" style="color:#991b1b;background:#fef2f2;border:1px solid #fca5a5;'
+               f'border-radius:6px;padding:8px 10px">{html.escape(str(exc.message))}</div>')
+        return box, status_markdown(), preview(*values)
+    return "", status, picture
+
+
+def sign_in(user: str, password: str, request: gr.Request = None) -> tuple[bool, str]:
+    """The operator signs in (this page, or this API client's session, becomes the operator)."""
+    try:
+        ok = ACCESS.check(user or "", password or "")
+    except PipelineError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    if not ok:
+        logger.warning("failed operator sign-in from session %s", getattr(request, "session_hash", "?"))
+        raise gr.Error("Wrong operator name or password.", print_exception=False)
+    logger.info("operator signed in (session %s)", getattr(request, "session_hash", "?"))
+    return True, "Signed in as the operator: you can change the model."
 
 
 def message_text(content: Any) -> str:
@@ -158,6 +203,8 @@ def model_messages(history: list[dict], system: str) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
     for m in history:
         if m.get("metadata") or m.get("role") not in ("user", "assistant"):
+            continue
+        if m["role"] == "assistant" and message_text(m.get("content")).startswith(ERROR_MARK):
             continue
         messages.append({"role": m["role"], "content": chat_raw(message_text(m.get("content")))})
     return messages
@@ -201,14 +248,19 @@ def respond(history: list[dict], system: str, max_new: Any, temperature: Any, to
             reply += piece
             history[-1]["content"] = chat_display(reply)
             yield history
-    except PipelineError as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a note in the chat, and a log line
         if session.epoch != epoch:
             yield []
             return
+        if isinstance(exc, PipelineError):
+            logger.warning("chat error shown to the user: %s", exc)
+            text = str(exc)
+        else:
+            logger.exception("unexpected chat error")
+            text = f"internal error ({type(exc).__name__}); the operator's log has the details"
         if not history[-1]["content"]:
             history.pop()
-        history.append({"role": "assistant", "content": chat_display(str(exc)),
-                        "metadata": {"title": "Error", "status": "done"}})
+        history.append({"role": "assistant", "content": ERROR_MARK + chat_display(text)})
         yield history
         return
     if session.epoch != epoch:
@@ -283,6 +335,7 @@ def api_chat(message: str, system: str = "", max_new_tokens: int = 256, temperat
             text += piece
             yield text
     except PipelineError as exc:
+        logger.warning("API chat error: %s", exc)
         raise gr.Error(str(exc), print_exception=False) from None
 
 
@@ -323,8 +376,17 @@ def build_app() -> gr.Blocks:
                     disk = gr.Checkbox(bool(APP_CONFIG.get("disk", True)), label="Disk offload", elem_id="disk")
                     offload_dir = gr.Textbox(OFFLOAD_ROOT, label="Offload folder", scale=3)
                 plan_view = gr.HTML(elem_id="plan-preview")
-                apply = gr.Button("Apply & reload model", variant="primary", elem_id="apply")
+                apply = gr.Button("Apply & reload model", variant="primary", elem_id="apply",
+                                  interactive=ACCESS.open_to_all)
+                # Loading progress and a failed load's error are shown here, never over the plan or status.
+                load_box = gr.HTML("", elem_id="load-result")
                 status = gr.Markdown(status_markdown(), elem_id="status")
+                with gr.Accordion("Operator sign-in", open=False, visible=ACCESS.shared, elem_id="operator"):
+                    gr.Markdown(ACCESS.describe().capitalize() + ".", elem_id="role")
+                    op_user = gr.Textbox(label="Operator name", elem_id="op-user")
+                    op_password = gr.Textbox(label="Password", type="password", elem_id="op-password")
+                    op_button = gr.Button("Sign in", elem_id="op-sign-in")
+                    op_result = gr.Markdown("", elem_id="op-result")
             with gr.Column(scale=3, min_width=420):
                 chatbot = gr.Chatbot(label="Chat", height=520, elem_id="chatbot", buttons=["copy", "copy_all"])
                 # lines=1: Gradio sends on Enter only for a one-line box; it still grows to max_lines,
@@ -349,6 +411,21 @@ def build_app() -> gr.Blocks:
 
         settings_inputs = [preset, custom, quant, threshold, skip, four_bit, compute, double_quant, disk, offload_dir,
                            cpu, *gpu_sliders]
+        # This page's role, kept on the server (API clients cannot send it): a local app's user is the
+        # operator; in a shared app only after signing in (or logging in with the operator's account).
+        operator = gr.State(ACCESS.open_to_all)
+        panel = [*settings_inputs, apply]
+
+        def role_view(is_operator: bool) -> list[Any]:
+            return [gr.update(interactive=is_operator) for _ in panel]
+
+        def role_from_login(request: gr.Request = None) -> list[Any]:
+            is_operator = ACCESS.open_to_all or ACCESS.is_operator_login(getattr(request, "username", None))
+            return [is_operator, *role_view(is_operator)]
+
+        demo.load(role_from_login, None, [operator, *panel], api_visibility="private", show_progress="hidden")
+        op_button.click(sign_in, [op_user, op_password], [operator, op_result], api_name="sign_in").success(
+            role_view, operator, panel, api_visibility="private", show_progress="hidden")
         gen_inputs = [max_new, temperature, top_p, top_k, penalty, seed]
 
         # Live preview: sliders on release, everything else on change.
@@ -393,8 +470,12 @@ def build_app() -> gr.Blocks:
                   show_progress="hidden")
         demo.load(status_markdown, None, status, api_visibility="private", show_progress="hidden")
 
-        apply.click(apply_settings, settings_inputs, [status, plan_view], api_name="load_model",
-                    concurrency_limit=1, concurrency_id="reload")
+        apply.click(apply_from_page, [operator, *settings_inputs], [load_box, status, plan_view],
+                    api_visibility="private", concurrency_limit=1, concurrency_id="reload", show_progress_on=load_box)
+        # The API's /load_model: the same reload, raising errors for API clients (a button never shown).
+        api_status, api_plan = gr.Markdown(visible=False), gr.HTML(visible=False)
+        gr.Button(visible=False).click(apply_settings, [operator, *settings_inputs], [api_status, api_plan],
+                                       api_name="load_model", concurrency_limit=1, concurrency_id="reload")
         gr.api(preview_api, api_name="plan")
 
         gr.on([message.submit, send.click], send_message, [message, chatbot, system, *gen_inputs], [message, chatbot],
@@ -425,8 +506,6 @@ def preview_api(model: str, cpu_gib: float, disk: bool = True, quantization: str
         raise gr.Error(str(exc), print_exception=False) from None
 
 
-demo = build_app()
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Offload Chat: a browser chat for models bigger than your GPU.")
@@ -443,7 +522,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu-memory", type=float, metavar="GIB", default=None,
                         help="starting CPU RAM budget (default: 70%% of available)")
     parser.add_argument("--no-disk", action="store_true", help="start with disk offload off")
-    parser.add_argument("--require-auth", action="store_true", help="refuse to --share without --auth")
+    parser.add_argument("--shared", action="store_true",
+                        help="treat the app as shared with strangers (implied by --share and on a Space)")
+    parser.add_argument("--admin", default=os.environ.get("APP_ADMIN"),
+                        help="USER:PASS of the operator, the only one who may change the model in a shared app "
+                             "(or set APP_ADMIN)")
+    parser.add_argument("--require-auth", action="store_true", help="refuse to share without --auth")
     parser.add_argument("--allow-any-path", action="store_true",
                         help="when shared, allow local model paths outside configs/app.yaml's model_roots")
     return parser.parse_args(argv)
@@ -452,18 +536,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    auth = None
-    if args.auth:
-        user, sep, password = args.auth.partition(":")
-        if not sep or not user or not password:
-            sys.exit("error: --auth must be USER:PASS")
-        auth = (user, password)
-    if args.share and auth is None:
+    try:
+        auth = parse_credentials(args.auth, "--auth")
+        admin = parse_credentials(args.admin, "--admin")
+    except PipelineError as exc:
+        sys.exit(f"error: {exc}")
+    shared = args.share or args.shared or bool(os.environ.get("SPACE_ID"))
+    ACCESS.shared, ACCESS.admin = shared, admin
+    if shared and auth is None:
         if args.require_auth:
             sys.exit("error: --require-auth: give --auth USER:PASS (or set APP_AUTH) to share this app")
-        logger.warning("--share without --auth: anyone with the link can use this app and your hardware. "
+        logger.warning("shared without --auth: anyone with the link can use this app and your hardware. "
                        "Add --auth USER:PASS (or set APP_AUTH) to require a login.")
-    if (args.share or os.environ.get("SPACE_ID")) and not args.allow_any_path:
+    if shared:
+        logger.info("shared app: %s", ACCESS.describe())
+    if shared and not args.allow_any_path:
         manager.allowed_roots = MODEL_ROOTS  # strangers may not load arbitrary folders of this machine
         logger.info("local model paths limited to %s", ", ".join(str(r) for r in MODEL_ROOTS))
     try:
@@ -476,8 +563,9 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("loaded %s: %s", args.model, manager.current.plan.summary)
     except PipelineError as exc:
         logger.error("could not load %s: %s (the app starts without a model)", args.model, exc)
+    demo = build_app()
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=ACCESS.gradio_auth(auth),
                 show_error=True)
 
 

@@ -43,7 +43,8 @@ def test_reply_streams_then_stats_follow_it() -> None:
 def test_bad_chat_input_becomes_an_error_note(history, gen, message) -> None:
     final = run(history, gen=gen)[-1]
     note = final[-1]
-    assert note["metadata"]["title"] == "Error" and message in note["content"]
+    assert note["content"].startswith(app.ERROR_MARK) and message in note["content"]  # shown open, not folded
+    assert "metadata" not in note
     assert "Traceback" not in note["content"]
     assert final[:-1] == history  # nothing else was added
 

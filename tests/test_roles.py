@@ -1,0 +1,105 @@
+"""A shared app: visitors chat and see the plan; only the signed-in operator changes the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app import SETTING_NAMES
+from app_server import running_app
+from pipeline.access import MAX_FAILURES, WINDOW_SECONDS, Access, parse_credentials
+from pipeline.errors import ConfigError
+from test_browser import ARGS, CHROMIUM, _browser_available
+
+SETTINGS = dict(zip(SETTING_NAMES, ["demo", "", "none", 6.0, "lm_head", "nf4", "auto", True, True, "", 0.012]))
+CHAT = ["And God said", "", 12, 0, 0.9, 50, 1.0, -1]
+
+
+@pytest.fixture(scope="module")
+def shared_url(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path):
+    log = tmp_path_factory.mktemp("shared") / "app.log"
+    with running_app("--shared", "--admin", "op:s3cret-pass", log=log) as url:
+        yield url
+
+
+def client(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def test_a_visitor_cannot_reload_but_chats_and_sees_the_plan(shared_url: str) -> None:
+    from gradio_client.exceptions import AppError
+
+    visitor = client(shared_url)
+    with pytest.raises(AppError, match="Only the operator of this shared app can change the model"):
+        visitor.predict(*SETTINGS.values(), api_name="/load_model")
+    assert len(visitor.predict(*CHAT, api_name="/chat").split()) >= 3
+    assert visitor.predict("demo", 0.004, True, "none", "", api_name="/plan")["layers_per_device"]["disk"]
+
+
+def test_the_operator_signs_in_and_reloads(shared_url: str) -> None:
+    from gradio_client.exceptions import AppError
+
+    operator = client(shared_url)
+    with pytest.raises(AppError, match="Wrong operator name or password"):
+        operator.predict("op", "guess", api_name="/sign_in")
+    with pytest.raises(AppError, match="Only the operator"):
+        operator.predict(*SETTINGS.values(), api_name="/load_model")
+    operator.predict("op", "s3cret-pass", api_name="/sign_in")
+    status, picture = operator.predict(*SETTINGS.values(), api_name="/load_model")
+    assert "disk" in picture and "Placement: CPU" in status  # 12 MiB of RAM: the new plan is loaded
+    other = client(shared_url)  # another visitor is still a visitor
+    with pytest.raises(AppError, match="Only the operator"):
+        other.predict(*SETTINGS.values(), api_name="/load_model")
+    status, _ = operator.predict(*{**SETTINGS, "cpu": 1.0}.values(), api_name="/load_model")
+    assert "Placement: CPU 100 %" in status
+
+
+@pytest.mark.skipif(not _browser_available(), reason="needs Debian's chromium and playwright")
+def test_in_the_browser_the_panel_is_locked_until_the_operator_signs_in(shared_url: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(shared_url)
+        page.wait_for_selector("#plan-preview .plan-bar", timeout=60_000)
+        page.wait_for_function("() => document.querySelector('#apply').disabled", timeout=10_000)
+        assert page.locator("#cpu-slider input[type=range]").is_disabled()
+        page.get_by_text("Operator sign-in").click()
+        page.locator("#op-user textarea").fill("op")
+        page.locator("#op-password input").fill("wrong")
+        page.click("#op-sign-in")
+        page.wait_for_selector("text=Wrong operator name or password", timeout=10_000)
+        assert page.locator("#apply").is_disabled()
+        page.locator("#op-password input").fill("s3cret-pass")
+        page.click("#op-sign-in")
+        page.wait_for_function("() => !document.querySelector('#apply').disabled", timeout=10_000)
+        assert not page.locator("#cpu-slider input[type=range]").is_disabled()
+        browser.close()
+
+
+def test_sign_ins_are_throttled_after_repeated_failures() -> None:
+    access = Access(shared=True, admin=("op", "pw"))
+    for i in range(MAX_FAILURES):
+        assert access.check("op", f"wrong{i}", now=100.0 + i) is False
+    with pytest.raises(ConfigError, match="too many failed sign-ins: try again in"):
+        access.check("op", "pw", now=110.0)  # even the right password waits
+    assert access.check("op", "pw", now=100.0 + WINDOW_SECONDS + MAX_FAILURES) is True
+
+
+def test_roles_without_an_operator_account_and_credentials_parsing() -> None:
+    assert Access(shared=False).open_to_all
+    nobody = Access(shared=True)
+    assert not nobody.open_to_all and "without an operator" in nobody.describe()
+    with pytest.raises(ConfigError, match="no operator account"):
+        nobody.check("op", "pw")
+    assert parse_credentials("op:a:b", "--admin") == ("op", "a:b")
+    with pytest.raises(ConfigError, match="--admin must be USER:PASS"):
+        parse_credentials("justaname", "--admin")
+    both = Access(shared=True, admin=("op", "pw"))
+    assert both.gradio_auth(("visitor", "v")) == [("visitor", "v"), ("op", "pw")]
+    assert both.gradio_auth(None) is None
+    assert both.is_operator_login("op") and not both.is_operator_login("visitor")
