@@ -160,6 +160,9 @@ def make_budgets(
         cpu = parse_gib("cpu_memory", cpu_gib, hardware.ram_total / GiB, " (RAM)")
     if not isinstance(disk, bool):
         raise ConfigError(f"disk={disk!r} must be true or false")
+    if not isinstance(offload_dir, (str, Path)) or "\x00" in str(offload_dir) or len(str(offload_dir)) > 4096:
+        raise ConfigError(f"offload folder {str(offload_dir)[:80]!r} is not a usable path (a NUL character, or longer "
+                          "than 4096 characters); accepted: a folder path")
     offload = Path(offload_dir).expanduser()
     cap = None
     if disk and disk_cap_gib is not None:

@@ -11,8 +11,10 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -167,21 +169,21 @@ def load_model(
         model.eval()
         offload_engine = _attach_engine(model, plan, quant, offload_dir) if prepared.engine else None
     except PipelineError:
-        _remove_dir(offload_dir)
+        _remove_offload(offload_dir)
         raise
     except torch.OutOfMemoryError:
-        _remove_dir(offload_dir)
+        _remove_offload(offload_dir)
         gc.collect()
         _empty_cuda_cache()
         raise LoadError(
             f"out of GPU memory while loading {preset.display_name} ({plan.summary}); lower the GPU budget"
         ) from None
     except MemoryError:
-        _remove_dir(offload_dir)
+        _remove_offload(offload_dir)
         gc.collect()
         raise LoadError(f"out of CPU memory while loading {preset.display_name}; lower the CPU budget or use disk") from None
     except OSError as exc:
-        _remove_dir(offload_dir)
+        _remove_offload(offload_dir)
         gc.collect()
         if exc.errno == errno.ENOSPC:
             where = offload_dir.parent if offload_dir else budgets.offload_dir
@@ -191,7 +193,7 @@ def load_model(
             ) from None
         raise LoadError(f"loading {preset.source!r} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     except Exception as exc:  # corrupt shards, missing keys, library errors: all end as one clear LoadError
-        _remove_dir(offload_dir)
+        _remove_offload(offload_dir)
         gc.collect()
         if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
             raise LoadError(
@@ -269,7 +271,7 @@ def unload(loaded: LoadedModel) -> None:
         gc.collect()
         _empty_cuda_cache()
         _trim_malloc()
-        _remove_dir(loaded.offload_dir)
+        _remove_offload(loaded.offload_dir)
         loaded.offload_dir = None
 
 
@@ -299,27 +301,52 @@ def _check_bitsandbytes(plan: Plan) -> None:
 
 
 def _offload_folder(root: Path, preset: Preset, plan: Plan, quant: QuantSettings) -> Path:
-    """A folder per (model, settings) under the offload root; created here, removed by unload()."""
+    """A new folder for this load under the offload root: unique per process and load, so two
+    processes (the app and the CLI, two apps) loading the same model never share or delete each
+    other's files. Created here; `_remove_offload` removes it and the parents this load created,
+    never anything that was there before."""
     key = json.dumps(
         {"source": preset.source, "quant": quant.fingerprint(), "dtype": str(plan.dtype), "map": plan.device_map},
         sort_keys=True,
         default=str,
     )
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in preset.display_name)[:48].strip("-.") or "model"
-    folder = Path(root).expanduser().resolve() / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    root = Path(root).expanduser().resolve()
+    unique = f"{hashlib.sha1(key.encode()).hexdigest()[:8]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder = root / f"{slug}-{unique}"
+    created = [p for p in [root, *root.parents] if not p.exists()]  # deepest first
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=False)
+        _created_parents[folder] = created
         probe = folder / ".write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
+        _remove_offload(folder if folder.exists() else None)
+        for parent in created:
+            _rmdir_if_empty(parent)
         raise LoadError(f"offload folder {str(root)!r} is not writable ({exc.strerror or exc}); choose another folder") from None
     return folder
 
 
-def _remove_dir(path: Path | None) -> None:
-    if path is not None and path.exists():
-        shutil.rmtree(path, ignore_errors=True)
+_created_parents: dict[Path, list[Path]] = {}  # offload folder -> parents its load created (deepest first)
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()  # fails (and is left alone) unless empty
+    except OSError:
+        pass
+
+
+def _remove_offload(folder: Path | None) -> None:
+    """Delete a load's own offload folder, then the parents that load created if they are empty now."""
+    if folder is None:
+        return
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    for parent in _created_parents.pop(folder, []):
+        _rmdir_if_empty(parent)
 
 
 def _context_length(preset: Preset, config: Any, tokenizer: Any) -> int:

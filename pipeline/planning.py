@@ -149,6 +149,8 @@ def load_model_config(preset: Preset) -> Any:
     from transformers import AutoConfig
 
     source = preset.local_path or preset.source
+    if preset.local_path is None:
+        _check_hub_reachable(preset.source)
     try:
         return AutoConfig.from_pretrained(str(source), trust_remote_code=preset.trust_remote_code)
     except ValueError as exc:
@@ -165,6 +167,37 @@ def load_model_config(preset: Preset) -> Any:
         elif "is not a local folder and is not a valid model identifier" in str(exc) or "404" in str(exc):
             reason = "no such model on the Hugging Face hub (check the ID, or log in for gated models)"
         raise ModelSourceError(f"model {preset.source!r}: cannot read its config.json: {reason}") from None
+
+
+HUB_HOST = "huggingface.co"
+HUB_PROBE_SECONDS = 2.0
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """Fail at once, in one line, for a hub model that is not in the local cache while the hub cannot
+    be reached: huggingface_hub would otherwise retry for 20-25 s, warning on every retry."""
+    import os
+    import socket
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return  # cached: transformers reads it without the network
+    except Exception:  # noqa: BLE001 - an ID the cache cannot even look up fails in from_pretrained, with its reason
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ModelSourceError(f"model {repo_id!r} is not in the local Hugging Face cache and offline mode is on "
+                               "(HF_HUB_OFFLINE=1); download it first, or give a local folder")
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0] if endpoint else HUB_HOST
+    name, _, port = host.partition(":")
+    try:
+        socket.create_connection((name, int(port or 443)), timeout=HUB_PROBE_SECONDS).close()
+    except (OSError, ValueError):
+        raise ModelSourceError(f"model {repo_id!r} is not in the local Hugging Face cache, and the hub ({host}) cannot "
+                               f"be reached from this machine; download it where there is a network, or give a "
+                               "local folder") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -251,3 +251,42 @@ def test_shared_app_limits_local_paths_to_its_roots(tiny_llama: Path) -> None:
         resolve_model(str(tiny_llama), allowed_roots=roots)
     with pytest.raises(ModelSourceError, match="outside the folders"):
         resolve_model(str(REPO / "models" / ".." / ".."), allowed_roots=roots)
+
+
+def test_uncached_hub_model_fails_at_once_in_one_line_offline_and_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from huggingface_hub import constants
+    from transformers import AutoConfig
+
+    from pipeline.errors import ModelSourceError
+    from pipeline.planning import load_model_config
+    from pipeline.presets import resolve_model
+
+    def never(*args, **kwargs):
+        raise AssertionError("from_pretrained would retry the hub for 20-25 s")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", never)
+    preset = resolve_model("some-owner/not-cached-model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelSourceError, match="not in the local Hugging Face cache and offline mode is on"):
+        load_model_config(preset)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    probed = []
+
+    def unreachable(address, timeout=None):
+        probed.append((address, timeout))
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(ModelSourceError, match=r"cannot be reached from this machine"):
+        load_model_config(preset)
+    assert probed == [(("huggingface.co", 443), 2.0)]
+
+
+def test_uncached_hub_model_on_the_command_line_is_one_error_line() -> None:
+    result = cli("--model", "some-owner/not-cached-model", "--plan-only")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: model 'some-owner/not-cached-model' is not in the local Hugging Face cache and offline mode is on "
+        "(HF_HUB_OFFLINE=1); download it first, or give a local folder"]

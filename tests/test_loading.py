@@ -152,3 +152,81 @@ def test_progress_is_reported_in_order(tiny_llama: Path, tmp_path: Path) -> None
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     assert any(m == "Loading weights" for _, m in seen)  # per-tensor progress, not just start/end
     unload(loaded)
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+from conftest import greedy
+from pipeline.budgets import Budgets
+from pipeline.loading import load_model, unload
+from pipeline.presets import resolve_model
+loaded = load_model(resolve_model({model!r}), Budgets(gpu=(), cpu={cpu}, disk=True, offload_dir=Path({root!r})),
+                    allow_pickle=True)
+print(loaded.offload_dir, flush=True)
+sys.stdin.readline()  # the other process loads and unloads the same model meanwhile
+print(greedy(loaded), flush=True)
+unload(loaded)
+print(loaded.offload_dir is None, flush=True)
+"""
+
+
+def test_two_processes_loading_the_same_model_keep_their_own_offload_folders(tokenizer_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    # A pickle checkpoint: transformers writes its disk layers into the offload folder (safetensors
+    # would only be indexed where they are, leaving the folder empty).
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tiny_llama = save_checkpoint(tiny_llama_config(len(tok)), tmp_path / "pickled", tok)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(tiny_llama / "model.safetensors"), tiny_llama / "pytorch_model.bin")
+    (tiny_llama / "model.safetensors").unlink()
+    repo = Path(__file__).resolve().parent.parent
+    preset = resolve_model(str(tiny_llama))
+    root = tmp_path / "shared-root"
+    whole = load_model(preset, cpu_budgets(tmp_path, GiB, disk=False), allow_pickle=True)
+    expected, part = greedy(whole), whole.plan.total_bytes * 3 // 4
+    unload(whole)
+    script = HOLDER.format(repo=str(repo), tests=str(repo / "tests"), model=str(tiny_llama), cpu=part, root=str(root))
+    other = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = Path(other.stdout.readline().strip())
+        assert theirs.is_dir() and any(theirs.iterdir())
+        mine = load_model(preset, Budgets(gpu=(), cpu=part, disk=True, offload_dir=root), allow_pickle=True)
+        assert any(mine.offload_dir.iterdir())  # same model, same settings, files of its own
+        assert mine.offload_dir != theirs and mine.offload_dir.parent == theirs.parent
+        assert greedy(mine) == expected
+        unload(mine)
+        assert theirs.is_dir() and any(theirs.iterdir()), "unloading here deleted the other process's files"
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == str(expected)  # the other process still reads its layers
+        assert other.stdout.readline().strip() == "True"
+    finally:
+        other.kill() if other.poll() is None else None
+        other.wait(timeout=60)
+    assert not theirs.exists()
+
+
+def test_a_user_folder_is_never_emptied_and_created_parents_go(tiny_llama: Path, tmp_path: Path) -> None:
+    preset = resolve_model(str(tiny_llama))
+    total = load_model(preset, cpu_budgets(tmp_path, GiB, disk=False))
+    part = total.plan.total_bytes * 3 // 4
+    unload(total)
+    mine = tmp_path / "my-folder"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    loaded = load_model(preset, Budgets(gpu=(), cpu=part, disk=True, offload_dir=mine))
+    assert loaded.offload_dir.parent == mine
+    unload(loaded)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    nested = tmp_path / "new" / "deeper" / "offload"
+    loaded = load_model(preset, Budgets(gpu=(), cpu=part, disk=True, offload_dir=nested))
+    assert loaded.offload_dir.parent == nested
+    unload(loaded)
+    assert not (tmp_path / "new").exists()  # the parents this load created went with it
