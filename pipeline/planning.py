@@ -240,6 +240,15 @@ def empty_model(config: Any, trust_remote_code: bool = False, dtype: torch.dtype
     return model
 
 
+def _output_layer(model: nn.Module) -> str | None:
+    """The name of the output embedding module (usually "lm_head")."""
+    try:
+        output = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return next((name for name, module in model.named_modules() if module is output), None) if output else None
+
+
 def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The decoder's repeated blocks: the largest ModuleList in the model."""
     best = None
@@ -292,6 +301,12 @@ def plan_device_map(
     model = empty_model(config, trust_remote_code, dtype)
     no_split, note = no_split_classes(model, no_split_override)
     notes = [note] if note else []
+    output = _output_layer(model)
+    if quant.enabled and output and output not in quant.skip_modules:
+        # transformers' own default skip list keeps the output layer unquantized; a user's list replaces
+        # that default, and an int8 output layer (tied to the embeddings in most models) breaks every reply.
+        quant = replace(quant, skip_modules=quant.skip_modules + (output,))
+        notes.append(f"kept unquantized: {output} (the output layer, which transformers never quantizes by default)")
     if quant.enabled and not quantized_weight_names(model, quant):
         linear = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.Linear)})
         raise ConfigError(

@@ -290,3 +290,13 @@ def test_uncached_hub_model_on_the_command_line_is_one_error_line() -> None:
     assert result.stderr.strip().splitlines() == [
         "error: model 'some-owner/not-cached-model' is not in the local Hugging Face cache and offline mode is on "
         "(HF_HUB_OFFLINE=1); download it first, or give a local folder"]
+
+
+@pytest.mark.parametrize("skip", ["", "no_such_module"])
+def test_quantized_load_with_an_empty_or_foreign_skip_list_still_answers(client, skip: str) -> None:
+    """The skip list replaces transformers' default, which keeps the output layer unquantized: an int8
+    output layer (tied to the embeddings) failed every reply. The planner keeps it unquantized."""
+    status, _ = client.predict(*{**BASE, "quant": "8-bit", "skip": skip}.values(), api_name="/load_model")
+    assert "quantization **int8**" in status
+    still_answers(client)
+    client.predict(*BASE.values(), api_name="/load_model")  # back to the catalogue's model
