@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -117,24 +118,72 @@ def build_prompt(tokenizer: Any, messages: Sequence[Message], context_length: in
     stops = FALLBACK_STOPS if template else ()
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
-    dropped = 0
-    while True:
-        text = tokenizer.apply_chat_template(
-            system + turns, chat_template=template, tokenize=False, add_generation_prompt=True
+    # An exchange starts at a user message; keeping turns[start:] for a later start gives a shorter
+    # prompt, so the earliest start that fits is found by bisection: O(log n) renders of the history,
+    # not one per dropped turn (800 turn pairs cost 123 s that way).
+    starts = sorted({0, *(i for i, m in enumerate(turns) if m["role"] == "user")})
+
+    def render(start: int) -> list[int]:
+        text = render_chat_template(tokenizer, system + turns[start:], template)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    ids = render(0)
+    if len(ids) <= budget:
+        return Prompt(ids, 0, stops)
+    last = render(starts[-1])
+    if len(last) > budget:
+        raise ConfigError(
+            f"the message is too long: the prompt is {len(last)} tokens, but the context of {context_length} "
+            f"tokens minus max_new_tokens={max_new_tokens} leaves {budget}; shorten the message or lower "
+            "max_new_tokens"
         )
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= budget:
-            return Prompt(list(ids), dropped, stops)
-        # Drop the oldest exchange: everything up to the next user message.
-        next_user = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), None)
-        if next_user is None:
-            raise ConfigError(
-                f"the message is too long: the prompt is {len(ids)} tokens, but the context of {context_length} "
-                f"tokens minus max_new_tokens={max_new_tokens} leaves {budget}; shorten the message or lower "
-                "max_new_tokens"
-            )
-        dropped += len([m for m in turns[:next_user] if m["role"] == "user"])
-        turns = turns[next_user:]
+    lo, hi, best = 1, len(starts) - 1, last
+    while lo < hi:
+        mid = (lo + hi) // 2
+        candidate = render(starts[mid])
+        if len(candidate) <= budget:
+            hi, best = mid, candidate
+        else:
+            lo = mid + 1
+    if hi != len(starts) - 1 and best is last:
+        best = render(starts[hi])
+    dropped = sum(1 for m in turns[: starts[hi]] if m["role"] == "user")
+    return Prompt(best, dropped, stops)
+
+
+TEMPLATE_SECONDS = 2.0  # one chat-template rendering; a template that loops without end is stopped
+
+
+def render_chat_template(tokenizer: Any, messages: Sequence[Message], template: str | None) -> str:
+    """`apply_chat_template` with a time limit: a model's template is code (Jinja), and one with nested
+    100k-iteration loops never finished. Jinja compiles templates to Python functions named
+    "<template>"; a trace function on this thread alone checks the clock on their lines."""
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _TemplateTimeout
+        return local
+
+    def calls(frame: Any, event: str, arg: Any) -> Any:
+        return local if event == "call" and frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+    except _TemplateTimeout:
+        raise ConfigError(
+            f"the model's chat template did not finish rendering within {TEMPLATE_SECONDS:g} s (it may loop without "
+            "end); fix the template (chat_template in the preset) or use another model"
+        ) from None
+    finally:
+        sys.settrace(previous)
+
+
+class _TemplateTimeout(Exception):
+    pass
 
 
 def stream_chat(

@@ -11,6 +11,8 @@ from .errors import ConfigError
 
 MAX_NEW_TOKENS_LIMIT = 32768
 MAX_SEED = 2**63 - 1
+MIN_TEMPERATURE = 0.01
+MIN_PENALTY = 0.01
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,13 @@ class GenerationParams:
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_new_tokens", _int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT))
         object.__setattr__(self, "temperature", _float("temperature", self.temperature, 0.0, 5.0))
+        if 0 < self.temperature < MIN_TEMPERATURE:  # dividing logits by 1e-300 overflows them to inf
+            raise ConfigError(f"temperature={self.temperature!r} is out of range; accepted: 0 (greedy) or "
+                              f"{MIN_TEMPERATURE} <= value <= 5.0")
         object.__setattr__(self, "top_p", _float("top_p", self.top_p, 0.0, 1.0, low_open=True))
         object.__setattr__(self, "top_k", _int("top_k", self.top_k, 0, 100_000))
         object.__setattr__(
-            self, "repetition_penalty", _float("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
+            self, "repetition_penalty", _float("repetition_penalty", self.repetition_penalty, MIN_PENALTY, 10.0)
         )
         if self.seed is not None:
             object.__setattr__(self, "seed", _int("seed", self.seed, 0, MAX_SEED))
@@ -86,6 +91,10 @@ def _float(name: str, value: Any, low: float, high: float, low_open: bool = Fals
 
 def _int(name: str, value: Any, low: int, high: int) -> int:
     original = value
+    if isinstance(value, int) and not isinstance(value, bool):  # exact: float() would round 2**63-1 up
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={original!r} is out of range; accepted: integers {low}..{high}")
+        return value
     try:
         number = _number(name, value)
     except ConfigError:

@@ -152,7 +152,7 @@ def load_model_config(preset: Preset) -> Any:
     if preset.local_path is None:
         _check_hub_reachable(preset.source)
     try:
-        return AutoConfig.from_pretrained(str(source), trust_remote_code=preset.trust_remote_code)
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=preset.trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelSourceError(
@@ -167,6 +167,44 @@ def load_model_config(preset: Preset) -> Any:
         elif "is not a local folder and is not a valid model identifier" in str(exc) or "404" in str(exc):
             reason = "no such model on the Hugging Face hub (check the ID, or log in for gated models)"
         raise ModelSourceError(f"model {preset.source!r}: cannot read its config.json: {reason}") from None
+    except Exception as exc:  # a malformed config.json: zero heads, null or mistyped sizes, ...
+        logger.info("reading the config of %s failed", preset.source, exc_info=True)
+        raise ModelSourceError(
+            f"model {preset.source!r}: its config.json is malformed ({type(exc).__name__}: "
+            f"{' '.join(line.strip() for line in str(exc).strip().splitlines()[:2])})"
+        ) from None
+    check_config_sizes(config, preset.source)
+    return config
+
+
+# Sizes no released causal LM comes near; a config beyond them would make planning build millions of
+# modules (num_hidden_layers: 20000 took 199 s and 1.5 GB per plan) or overflow.
+CONFIG_LIMITS = {
+    ("num_hidden_layers", "n_layer", "num_layers"): (1, 1024),
+    ("hidden_size", "n_embd", "d_model"): (1, 131072),
+    ("num_attention_heads", "n_head"): (1, 4096),
+    ("num_key_value_heads",): (1, 4096),
+    ("intermediate_size", "ffn_dim", "n_inner", "moe_intermediate_size"): (1, 1 << 20),
+    ("vocab_size",): (1, 1 << 22),
+    ("num_experts", "num_local_experts", "n_routed_experts"): (1, 4096),
+    ("max_position_embeddings", "n_positions"): (1, 1 << 24),
+}
+
+
+def check_config_sizes(config: Any, source: str) -> None:
+    """Refuse absurd or malformed sizes with the field and the accepted range, before building anything."""
+    for names, (low, high) in CONFIG_LIMITS.items():
+        for name in names:
+            if name not in getattr(config, "__dict__", {}) and not hasattr(type(config), name):
+                continue
+            value = getattr(config, name, None)
+            if value is None and name in ("n_inner", "num_key_value_heads", "intermediate_size", "num_experts",
+                                          "num_local_experts", "n_routed_experts", "moe_intermediate_size", "ffn_dim"):
+                continue  # optional: the model derives it
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ModelSourceError(
+                    f"model {source!r}: config.json has {name}={value!r}; accepted: an integer from {low} to {high:,}"
+                )
 
 
 HUB_HOST = "huggingface.co"
@@ -234,6 +272,12 @@ def empty_model(config: Any, trust_remote_code: bool = False, dtype: torch.dtype
         raise ModelSourceError(
             f"model type {getattr(config, 'model_type', '?')!r} is not a causal language model transformers can "
             f"build ({_first_line(exc)})"
+        ) from None
+    except Exception as exc:  # malformed configs: a division by zero heads, a None where a size belongs, ...
+        logger.info("building %s from its config failed", getattr(config, "model_type", "?"), exc_info=True)
+        raise ModelSourceError(
+            f"model type {getattr(config, 'model_type', '?')!r}: its config.json does not describe a model transformers "
+            f"can build ({type(exc).__name__}: {_first_line(exc)})"
         ) from None
     # Without this a tied lm_head may land on another tier than the embeddings (KeyError at generate).
     model.tie_weights()

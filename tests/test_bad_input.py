@@ -50,13 +50,20 @@ def broken(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> dict[s
     config = json.loads((remote / "config.json").read_text())
     config.update(model_type="my-secret-arch", auto_map={"AutoConfig": "configuration_secret.SecretConfig"})
     (remote / "config.json").write_text(json.dumps(config))
+    configs = {}
+    for name, change in {"absurd-layers": {"num_hidden_layers": 20000}, "zero-heads": {"num_attention_heads": 0},
+                         "huge-hidden": {"hidden_size": 2**40}, "null-size": {"intermediate_size": None}}.items():
+        configs[name] = copy(name)
+        config = json.loads((configs[name] / "config.json").read_text())
+        config.update(change)
+        (configs[name] / "config.json").write_text(json.dumps(config))
     not_a_model = root / "not-a-model"
     not_a_model.mkdir()
     (not_a_model / "README.txt").write_text("hello")
     blocker = root / "a-file"
     blocker.write_text("not a folder")
     return {"truncated": truncated, "garbage": garbage, "no-tokenizer": no_tokenizer, "pickle-only": pickle_only,
-            "remote-code": remote, "not-a-model": not_a_model, "unwritable": blocker / "offload"}
+            "remote-code": remote, "not-a-model": not_a_model, "unwritable": blocker / "offload", **configs}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +110,11 @@ LOAD_CASES = [
     ("budgets that cannot fit", {"cpu": 0.001, "disk": False}, "does not fit"),
     ("negative 8-bit threshold", {"threshold": -1.0}, "int8_threshold=-1.0"),
     ("unknown 4-bit compute dtype", {"quant": "4-bit", "compute": "float8"}, "compute_dtype='float8'|float8"),
+    # Configs that made planning build 20,000 layers (199 s, 1.5 GB), divide by zero or meet a null size.
+    ("config with 20,000 layers", {"custom": "@absurd-layers"}, r"num_hidden_layers=20000; accepted: an integer from 1"),
+    ("config with zero heads", {"custom": "@zero-heads"}, r"config.json is malformed \(ZeroDivisionError"),
+    ("config with a 2^40 hidden size", {"custom": "@huge-hidden"}, r"hidden_size=1099511627776; accepted"),
+    ("config with a null size", {"custom": "@null-size"}, r"config.json is malformed .*intermediate_size"),
     # A regex that backtracks for minutes inside transformers' module filter (it ran 104-209 s):
     # refused before anything is matched against module names.
     ("pathological pattern in the skip list", {"quant": "8-bit", "skip": r"lm_head,model\.laye(.|.)*@"},
@@ -136,7 +148,15 @@ CHAT_CASES = [
     ("fractional top_k", "hi", {"top_k": 2.5}, "top_k=2.5 is not an integer"),
     ("negative seed", "hi", {"seed": -5}, "seed=-5"),
     ("huge repetition penalty", "hi", {"repetition_penalty": 1e9}, "repetition_penalty=1000000000"),
+    ("vanishing temperature", "hi", {"temperature": 1e-300}, r"temperature=1e-300 is out of range; accepted: 0 \(greedy\)"),
+    ("vanishing repetition penalty", "hi", {"repetition_penalty": 1e-300}, "repetition_penalty=1e-300 is out of range"),
 ]
+
+
+def test_the_largest_seed_is_accepted(client) -> None:
+    reply = client.submit("And God said", *{**CHAT, "temperature": 0.8, "seed": 2**63 - 1}.values(),
+                          api_name="/chat").result()
+    assert len(reply.split()) >= 3
 
 
 @pytest.mark.parametrize(("case", "message", "changes", "error"), CHAT_CASES, ids=[c[0] for c in CHAT_CASES])

@@ -212,3 +212,51 @@ def test_invalid_sampling_values(kwargs: dict, message: str) -> None:
 def test_max_new_tokens_larger_than_context(loaded) -> None:
     with pytest.raises(ConfigError, match="leaves no room for the prompt"):
         list(stream_chat(loaded, HELLO, GREEDY.replace(max_new_tokens=loaded.context_length)))
+
+
+def _linear_trim(tokenizer, messages, context_length, max_new_tokens) -> tuple[list[int], int]:
+    """The obvious algorithm (one render per dropped exchange): what bisection must agree with."""
+    budget = context_length - max_new_tokens
+    system, turns, dropped = messages[:1], messages[1:], 0
+    while True:
+        text = tokenizer.apply_chat_template(system + turns, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= budget:
+            return list(ids), dropped
+        nxt = next(i for i in range(1, len(turns)) if turns[i]["role"] == "user")
+        dropped += sum(1 for m in turns[:nxt] if m["role"] == "user")
+        turns = turns[nxt:]
+
+
+@pytest.mark.parametrize("context", [96, 160, 256, 400])
+def test_trimming_by_bisection_keeps_what_dropping_one_by_one_keeps(loaded, context: int) -> None:
+    history = [{"role": "system", "content": "Be brief."}]
+    for i in range(25):
+        history += [{"role": "user", "content": f"question {i} " + "about the earth " * (i % 4)},
+                    {"role": "assistant", "content": f"answer {i}" + " and the heaven" * (i % 3)}]
+    history.append({"role": "user", "content": "Hello! How are you today?"})
+    prompt = build_prompt(loaded.tokenizer, history, context_length=context, max_new_tokens=32)
+    assert (prompt.input_ids, prompt.dropped_turns) == _linear_trim(loaded.tokenizer, history, context, 32)
+
+
+def test_a_long_history_costs_logarithmically_many_renders(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    history = []
+    for i in range(800):
+        history += [{"role": "user", "content": f"question {i} about the earth"},
+                    {"role": "assistant", "content": f"answer {i} about the heaven"}]
+    history.append({"role": "user", "content": "Hello!"})
+    renders = []
+    original = loaded.tokenizer.apply_chat_template
+    monkeypatch.setattr(loaded.tokenizer, "apply_chat_template", lambda *a, **k: renders.append(1) or original(*a, **k))
+    prompt = build_prompt(loaded.tokenizer, history, context_length=256, max_new_tokens=64)
+    assert prompt.dropped_turns > 700
+    assert len(renders) <= 2 + 11  # all, the last exchange, then bisection over 801 starts (was one per drop)
+
+
+def test_a_chat_template_that_never_ends_is_stopped(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}"
+    monkeypatch.setattr(loaded.tokenizer, "chat_template", endless)
+    with pytest.raises(ConfigError, match="chat template did not finish rendering within 2 s"):
+        build_prompt(loaded.tokenizer, HELLO, context_length=256, max_new_tokens=16)
+    monkeypatch.undo()
+    assert chat(loaded, HELLO, GREEDY).text  # the model answers with its real template afterwards
