@@ -7,6 +7,7 @@ Run: python app.py [--model demo] [--host 127.0.0.1] [--port 7860] [--share] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import logging
 import os
@@ -38,11 +39,52 @@ DISK_CAP_GIB = DEFAULTS.disk_cap / GiB if DEFAULTS.disk_cap is not None else Non
 MODEL_ROOTS = [REPO_ROOT / r for r in APP_CONFIG.get("model_roots", ["models"])]
 PRESETS = list_presets()
 QUANT_LABELS = {"none": "none", "8-bit": "int8", "4-bit": "4bit"}
-CONCURRENCY = 4  # browser events processed at once; generation itself runs one reply at a time
+CONCURRENCY = 16  # chat events streaming at once (the serving worker batches their replies)
+MAX_UPLOAD = "1kb"  # nothing in this app takes a file
+MAX_REPLIES_PER_SESSION = 2  # replies one page or API client may have running at once
+MAX_REPLIES_PER_ADDRESS = 16  # ... and one address (many pages behind one address are normal: NAT, a class)
 
 manager = ModelManager(HARDWARE)
 ACCESS = Access()  # main() makes it shared (share link, Space, --shared) and sets the operator's account
 ERROR_MARK = "⚠️ **Error:** "  # starts every error note in the chat; the model never sees those notes
+
+
+_running_by_client: dict[tuple[str, str], int] = {}
+_running_lock = threading.Lock()
+
+
+def client_key(request: gr.Request | None) -> str:
+    """The client's address (the first X-Forwarded-For hop behind a share link or a Space's proxy)."""
+    if request is None:
+        return "local"
+    forwarded = (request.headers or {}).get("x-forwarded-for", "") if hasattr(request, "headers") else ""
+    if forwarded:
+        return forwarded.split(",")[0].strip()
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or "local"
+
+
+@contextlib.contextmanager
+def client_slot(request: gr.Request | None) -> Iterator[None]:
+    """Bound the replies one client runs at once (per page or API session, and per address), so one
+    visitor cannot fill the queue for everyone."""
+    keys = [("session", getattr(request, "session_hash", None) or "local", MAX_REPLIES_PER_SESSION),
+            ("address", client_key(request), MAX_REPLIES_PER_ADDRESS)]
+    with _running_lock:
+        for kind, key, limit in keys:
+            if _running_by_client.get((kind, key), 0) >= limit:
+                raise PipelineError(f"this {'page' if kind == 'session' else 'address'} already has {limit} replies "
+                                    "running; wait for one to finish")
+        for kind, key, _ in keys:
+            _running_by_client[(kind, key)] = _running_by_client.get((kind, key), 0) + 1
+    try:
+        yield
+    finally:
+        with _running_lock:
+            for kind, key, _ in keys:
+                _running_by_client[(kind, key)] -= 1
+                if not _running_by_client[(kind, key)]:
+                    del _running_by_client[(kind, key)]
 
 
 class ChatSession:
@@ -239,15 +281,17 @@ def respond(history: list[dict], system: str, max_new: Any, temperature: Any, to
     reply = ""
     try:
         params = generation_params(max_new, temperature, top_p, top_k, penalty, seed)
-        for piece in manager.stream(model_messages(history[:-1], system), params, cancel=session.cancel, stats=stats):
-            if session.epoch != epoch:
-                # Cleared: the stream is cancelled. An update this stream sent just before Clear may
-                # still reach the page after Clear's empty chat, so the last word is an empty chat.
-                yield []
-                return
-            reply += piece
-            history[-1]["content"] = chat_display(reply)
-            yield history
+        with client_slot(request):
+            for piece in manager.stream(model_messages(history[:-1], system), params, cancel=session.cancel,
+                                        stats=stats):
+                if session.epoch != epoch:
+                    # Cleared: the stream is cancelled. An update this stream sent just before Clear may
+                    # still reach the page after Clear's empty chat, so the last word is an empty chat.
+                    yield []
+                    return
+                reply += piece
+                history[-1]["content"] = chat_display(reply)
+                yield history
     except Exception as exc:  # noqa: BLE001 - every failure becomes a note in the chat, and a log line
         if session.epoch != epoch:
             yield []
@@ -324,16 +368,20 @@ def undo(history: list[dict]) -> tuple[list[dict], str]:
 
 
 def api_chat(message: str, system: str = "", max_new_tokens: int = 256, temperature: float = 0.7,
-             top_p: float = 0.95, top_k: int = 50, repetition_penalty: float = 1.1, seed: int = -1) -> Iterator[str]:
+             top_p: float = 0.95, top_k: int = 50, repetition_penalty: float = 1.1, seed: int = -1,
+             request: gr.Request = None) -> Iterator[str]:
     """API: answer one message, streaming the growing reply text."""
+    if not isinstance(message, str) or not isinstance(system, str):
+        raise gr.Error("message and system must be text", print_exception=False)
     if not message or not message.strip():
         raise gr.Error("The message is empty: type something to send.", print_exception=False)
-    params = generation_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     text = ""
     try:
-        for piece in manager.stream(model_messages([{"role": "user", "content": message}], system), params):
-            text += piece
-            yield text
+        params = generation_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+        with client_slot(request):
+            for piece in manager.stream(model_messages([{"role": "user", "content": message}], system), params):
+                text += piece
+                yield text
     except PipelineError as exc:
         logger.warning("API chat error: %s", exc)
         raise gr.Error(str(exc), print_exception=False) from None
@@ -342,7 +390,9 @@ def api_chat(message: str, system: str = "", max_new_tokens: int = 256, temperat
 def build_app() -> gr.Blocks:
     names = {p.display_name: name for name, p in PRESETS.items()}
     default_model = APP_CONFIG.get("default_model", "demo")
-    with gr.Blocks(title="Offload Chat") as demo:
+    # No component takes files: uploads are capped at MAX_UPLOAD by launch() and whatever arrives is
+    # deleted within the hour (an unauthenticated 50 MiB upload was stored and served back).
+    with gr.Blocks(title="Offload Chat", delete_cache=(600, 3600)) as demo:
         gr.Markdown("# Offload Chat\nChat with language models that do not fit in your GPU: "
                     "the weights are split over GPU memory, CPU RAM and disk.")
         gr.Markdown(f"**Hardware:** {HARDWARE.describe()}", elem_id="hardware")
@@ -566,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_app()
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=ACCESS.gradio_auth(auth),
-                show_error=True)
+                show_error=True, max_file_size=MAX_UPLOAD)
 
 
 if __name__ == "__main__":

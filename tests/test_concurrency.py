@@ -173,3 +173,42 @@ def test_parallel_plan_calls_through_the_api_leave_the_app_answering(url: str) -
     with ThreadPoolExecutor(max_workers=10) as pool:
         assert all(pool.map(plan, range(10)))
     assert client(url).predict(*chat_args(PROMPTS[3], 16), api_name="/chat") == reference
+
+
+def test_one_client_cannot_fill_the_queue(url: str) -> None:
+    from gradio_client.exceptions import AppError
+
+    greedy_client = client(url)
+    running = [greedy_client.submit(*chat_args(PROMPTS[i], 3000), api_name="/chat") for i in range(2)]
+    deadline = time.monotonic() + 60
+    while not all(job.outputs() for job in running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(AppError, match="this page already has 2 replies running; wait for one to finish"):
+        greedy_client.predict(*chat_args(PROMPTS[2], 8), api_name="/chat")
+    assert client(url).predict(*chat_args(PROMPTS[3], 8), api_name="/chat")  # others are still served
+    for job in running:
+        job.cancel()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # cancelled replies free their slots
+        try:
+            assert greedy_client.predict(*chat_args(PROMPTS[2], 8), api_name="/chat")
+            break
+        except AppError:
+            time.sleep(0.2)
+    else:
+        pytest.fail("the cancelled replies never freed their slots")
+
+
+def test_uploads_are_refused(url: str) -> None:
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + b"x" * 50 * 1024 + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code in (400, 413)
