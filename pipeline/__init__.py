@@ -9,9 +9,13 @@ The app and the CLI use this API:
     unload(loaded)
 """
 
-from .budgets import Budgets, Hardware, default_budgets, detect_hardware, make_budgets
-from .chat import Reply, ReplyStats, build_prompt, chat, stream_chat
-from .errors import (
+from . import logs
+
+logs.install()  # before bitsandbytes and accelerate are imported and start logging
+
+from .budgets import Budgets, Hardware, default_budgets, detect_hardware, make_budgets  # noqa: E402
+from .chat import Reply, ReplyStats, build_prompt, chat, stream_chat  # noqa: E402
+from .errors import (  # noqa: E402
     ConfigError,
     DoesNotFitError,
     GenerationError,
@@ -19,11 +23,11 @@ from .errors import (
     ModelSourceError,
     PipelineError,
 )
-from .loading import LoadedModel, Prepared, load_model, prepare, unload
-from .params import GenerationParams
-from .planning import Plan, plan_device_map
-from .presets import Preset, list_presets, resolve_model
-from .quantization import QuantSettings
+from .loading import LoadedModel, Prepared, load_model, prepare, unload  # noqa: E402
+from .params import GenerationParams  # noqa: E402
+from .planning import Plan, plan_device_map  # noqa: E402
+from .presets import Preset, list_presets, resolve_model  # noqa: E402
+from .quantization import QuantSettings  # noqa: E402
 
 __all__ = [
     "Budgets", "ConfigError", "DoesNotFitError", "GenerationError", "GenerationParams", "Hardware", "LoadError",
