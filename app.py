@@ -557,13 +557,23 @@ def preview_api(model: str, cpu_gib: float, disk: bool = True, quantization: str
 
 
 
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port; accepted: an integer from 1 to 65535")
+    return port
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Offload Chat: a browser chat for models bigger than your GPU.")
     parser.add_argument("--model", default=APP_CONFIG.get("default_model", "demo"),
                         help="preset, hub ID or local path loaded at start (default: %(default)s)")
     on_space = bool(os.environ.get("SPACE_ID"))
     parser.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
+    parser.add_argument("--port", type=_port, default=os.environ.get("PORT", "7860"), help="1-65535 (default: 7860)")
     parser.add_argument("--share", action="store_true", help="create a public share link")
     parser.add_argument("--auth", default=os.environ.get("APP_AUTH"),
                         help="USER:PASS required to open the app (or set APP_AUTH)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     defaults = load_app_config()
     args = build_parser(defaults).parse_args(argv)
     _quiet(args.verbose)
+    # SIGTERM ends the CLI like Ctrl-C: through every `finally`, so the model is unloaded and its
+    # offload folder removed (the default action killed the process and left the folder behind).
+    signal.signal(signal.SIGTERM, _terminate)
+    if sys.stdin is not None and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # invalid UTF-8 typed or piped in becomes U+FFFD, not a traceback
     try:
         return _run(args, defaults)
     except PipelineError as exc:
@@ -67,6 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("\nterminated", file=sys.stderr)
+        return 143
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so that cleanup runs."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _run(args: argparse.Namespace, defaults: dict) -> int:
@@ -113,18 +130,20 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
     try:
         history = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt is not None:
-            _answer(loaded, history + [{"role": "user", "content": args.prompt}], params)
-            return 0
+            _, interrupted = _answer(loaded, history + [{"role": "user", "content": args.prompt}], params)
+            return 130 if interrupted else 0
         while True:
             try:
-                line = input("> ")
+                line = input("> ") if sys.stdin is not None and not sys.stdin.closed else None
             except EOFError:
+                line = None
+            if line is None:
                 return 0
             if line.strip() in {"exit", "quit", "/exit"}:
                 return 0
             history.append({"role": "user", "content": line})
             try:
-                reply = _answer(loaded, history, params)
+                reply, _ = _answer(loaded, history, params)  # Ctrl-C stops the reply; the chat goes on
             except PipelineError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 history.pop()
@@ -134,20 +153,24 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
         unload(loaded)
 
 
-def _answer(loaded, messages, params) -> str:
+def _answer(loaded, messages, params) -> tuple[str, bool]:
+    """Stream one reply to stdout; returns its text and whether Ctrl-C stopped it."""
     stats = ReplyStats()
     cancel = threading.Event()
     parts = []
+    interrupted = False
     try:
         for piece in stream_chat(loaded, messages, params, cancel=cancel, stats=stats):
             parts.append(piece)
             print(piece, end="", flush=True)
     except KeyboardInterrupt:
         cancel.set()
+        interrupted = True
+        stats.finish_reason = "cancelled"
         print("\n[cancelled]", file=sys.stderr)
     print()
     print(f"[{stats.describe()} · finished: {stats.finish_reason}]", flush=True)
-    return "".join(parts)
+    return "".join(parts), interrupted
 
 
 def _params(args: argparse.Namespace, base: GenerationParams) -> GenerationParams:

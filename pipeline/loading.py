@@ -192,8 +192,10 @@ def load_model(
                 "free some space, lower the disk cap, or raise the GPU/CPU budgets (partial files were removed)"
             ) from None
         raise LoadError(f"loading {preset.source!r} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
-    except Exception as exc:  # corrupt shards, missing keys, library errors: all end as one clear LoadError
-        _remove_offload(offload_dir)
+    except BaseException as exc:  # corrupt shards, missing keys, library errors: all end as one clear LoadError
+        _remove_offload(offload_dir)  # also on Ctrl-C or SIGTERM in the middle of loading
+        if not isinstance(exc, Exception):
+            raise
         gc.collect()
         if "can't allocate memory" in str(exc) or "not enough memory" in str(exc):
             raise LoadError(

@@ -67,3 +67,63 @@ def test_errors_are_one_line_with_exit_code_2(args: list[str], message: str) -> 
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+@pytest.fixture(scope="module")
+def endless_cli_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A model that never emits eos: its replies run until stopped."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = tiny_llama_config(len(tok), hidden=128)
+    config.max_position_embeddings = 8192
+    path = save_checkpoint(config, tmp_path_factory.mktemp("endless-cli"), tok)
+    generation = json.loads((path / "generation_config.json").read_text())
+    generation["eos_token_id"] = None
+    (path / "generation_config.json").write_text(json.dumps(generation))
+    return path
+
+
+@pytest.mark.parametrize(("signal_name", "code", "said"), [("SIGINT", 130, "[cancelled]"), ("SIGTERM", 143, "terminated")])
+def test_a_signal_while_streaming_stops_cleanly(endless_cli_model: Path, tmp_path: Path, signal_name: str, code: int,
+                                                said: str) -> None:
+    import signal
+    import time
+
+    offload = tmp_path / "offload"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--model", str(endless_cli_model), "--cpu-memory",
+                             "0.001", "--disk", "--offload-dir", str(offload), "--prompt", "Hello",
+                             "--max-new-tokens", "8000", "--temperature", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    proc.stdout.readline()  # the plan
+    proc.stdout.readline()
+    deadline = time.monotonic() + 120
+    while not any(offload.glob("*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # streaming by now
+    proc.send_signal(getattr(signal, signal_name))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert said in err and "Traceback" not in err
+    if signal_name == "SIGINT":
+        assert "finished: cancelled" in out and "finished: eos" not in out
+    assert not any(offload.glob("*")), "the offload folder was left behind"
+
+
+def test_invalid_utf8_and_a_closed_stdin_are_no_tracebacks(demo_dir: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "--max-new-tokens", "4"], input=b"\xff\xfe hello\n",
+                         capture_output=True, timeout=300, env=env, cwd=REPO)
+    assert bad.returncode == 0 and b"Traceback" not in bad.stderr, bad.stderr.decode(errors="replace")
+    assert b"finished:" in bad.stdout  # the line was answered
+    closed = subprocess.run(["bash", "-c", f"{sys.executable} -m pipeline --max-new-tokens 4 0<&-"],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
+
+
+def test_the_app_refuses_a_port_out_of_range() -> None:
+    result = subprocess.run([sys.executable, "app.py", "--port", "99999"], capture_output=True, text=True, timeout=120,
+                            cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "'99999' is not a port; accepted: an integer from 1 to 65535" in result.stderr
+    assert "Traceback" not in result.stderr
