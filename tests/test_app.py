@@ -56,7 +56,7 @@ def test_budget_change_reloads_and_reports_the_new_plan(client) -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"custom": "no-such-owner/no-such-model"}, "cannot read its config.json"),
+        ({"custom": "no-such-owner/no-such-model"}, "is not in the local Hugging Face cache"),
         ({"custom": "/no/such/folder"}, "does not exist"),
         ({"cpu": 0.001, "disk": False}, "does not fit"),
         ({"threshold": -5}, "int8_threshold=-5.0"),

@@ -190,7 +190,7 @@ def test_disk_filling_up_during_offload(tiny_llama: Path, tmp_path: Path, monkey
     budgets = Budgets(gpu=(), cpu=1000, disk=True, offload_dir=tmp_path / "offload")
     with pytest.raises(LoadError, match=r"the disk is full at .* \(partial files were removed\)"):
         load_model(resolve_model(str(tiny_llama)), budgets)
-    assert list((tmp_path / "offload").iterdir()) == []
+    assert not (tmp_path / "offload").exists()  # nor the root this load created
 
 
 @pytest.mark.parametrize("error", ["cpu", "gpu"])
