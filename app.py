@@ -170,12 +170,25 @@ def status_markdown() -> str:
     info = manager.describe()
     if not info["loaded"]:
         return f"**No model loaded.** {info['status']}"
+    offload = f" (offloaded layers run with the {info['offload']})" if info["offload"] else ""
     return (
         f"**{info['model']}** · {info['dtype']} · quantization **{info['quantization']}** · "
-        f"context {info['context_length']} tokens  \n"
-        f"Placement: {info['placement']}{' (offloaded layers run with the ' + info['offload'] + ')' if info['offload'] else ''}"
-        f"  \nPlanned: {info['memory']}  \nIn use: {info['in_use']}  \nServing: {info['serving']}  \n{info['status']}"
+        f"context {info['context_length']} tokens · serving: {info['serving']}  \n"
+        f"Placement: {info['placement']}{offload} · planned {info['memory']}  \n"
+        f"In use: {info['in_use']} · {info['status']}"
     )
+
+
+MAX_NEW_TOKENS_UI = 4096
+
+
+def max_new_limit(current: Any = None) -> Any:
+    """Max new tokens can leave room for a prompt in the loaded model's context."""
+    info = manager.describe()
+    limit = max(1, min(MAX_NEW_TOKENS_UI, int(info["context_length"]) - 1)) if info["loaded"] else MAX_NEW_TOKENS_UI
+    if isinstance(current, (int, float)) and current > limit:
+        return gr.update(maximum=limit, value=limit)
+    return gr.update(maximum=limit)
 
 
 def still_loaded() -> str:
@@ -393,52 +406,14 @@ def build_app() -> gr.Blocks:
     # No component takes files: uploads are capped at MAX_UPLOAD by launch() and whatever arrives is
     # deleted within the hour (an unauthenticated 50 MiB upload was stored and served back).
     with gr.Blocks(title="Offload Chat", delete_cache=(600, 3600)) as demo:
-        gr.Markdown("# Offload Chat\nChat with language models that do not fit in your GPU: "
-                    "the weights are split over GPU memory, CPU RAM and disk.")
-        gr.Markdown(f"**Hardware:** {HARDWARE.describe()}", elem_id="hardware")
+        gr.Markdown("### Offload Chat <span style='font-weight:normal;font-size:0.8em'>· language models bigger than "
+                    f"your GPU · {html.escape(HARDWARE.describe())}</span>", elem_id="hardware")
+        # What is loaded, where, and how much memory it uses: first, so it is visible without scrolling.
+        status = gr.Markdown(status_markdown(), elem_id="status")
         with gr.Row():
-            with gr.Column(scale=2, min_width=360):
-                with gr.Group():
-                    preset = gr.Dropdown(choices=[(label, name) for label, name in names.items()],
-                                         value=default_model if default_model in PRESETS else None,
-                                         label="Model preset", elem_id="preset")
-                    custom = gr.Textbox(label="…or any hub ID / local path", placeholder="owner/name or /path/to/model",
-                                        elem_id="custom-model")
-                    quant = gr.Radio(["none", "8-bit", "4-bit"], label="Quantization (bitsandbytes)",
-                                     value=_quant_label(PRESETS[default_model].quantization if default_model in PRESETS else "none"),
-                                     elem_id="quant")
-                    with gr.Accordion("Advanced quantization", open=False):
-                        threshold = gr.Number(6.0, label="8-bit outlier threshold")
-                        skip = gr.Textbox("lm_head", label="Modules kept unquantized (comma-separated)")
-                        four_bit = gr.Radio(["nf4", "fp4"], value="nf4", label="4-bit type")
-                        compute = gr.Dropdown(["auto", "float16", "bfloat16", "float32"], value="auto",
-                                              label="4-bit compute dtype")
-                        double_quant = gr.Checkbox(True, label="4-bit double quantization")
-                gr.Markdown("### Memory budgets")
-                gpu_sliders = [
-                    gr.Slider(0, round(g.total / GiB, 2), value=round(DEFAULTS.gpu[g.index] / GiB, 2), step=0.05,
-                              label=f"GPU {g.index} · {g.name} (GiB)", elem_id=f"gpu-{g.index}")
-                    for g in HARDWARE.gpus
-                ]
-                cpu = gr.Slider(0, round(HARDWARE.ram_total / GiB, 2), value=round(DEFAULTS.cpu / GiB, 2), step=0.01,
-                                label="CPU RAM (GiB)", elem_id="cpu-slider")
-                with gr.Row():
-                    disk = gr.Checkbox(bool(APP_CONFIG.get("disk", True)), label="Disk offload", elem_id="disk")
-                    offload_dir = gr.Textbox(OFFLOAD_ROOT, label="Offload folder", scale=3)
-                plan_view = gr.HTML(elem_id="plan-preview")
-                apply = gr.Button("Apply & reload model", variant="primary", elem_id="apply",
-                                  interactive=ACCESS.open_to_all)
-                # Loading progress and a failed load's error are shown here, never over the plan or status.
-                load_box = gr.HTML("", elem_id="load-result")
-                status = gr.Markdown(status_markdown(), elem_id="status")
-                with gr.Accordion("Operator sign-in", open=False, visible=ACCESS.shared, elem_id="operator"):
-                    gr.Markdown(ACCESS.describe().capitalize() + ".", elem_id="role")
-                    op_user = gr.Textbox(label="Operator name", elem_id="op-user")
-                    op_password = gr.Textbox(label="Password", type="password", elem_id="op-password")
-                    op_button = gr.Button("Sign in", elem_id="op-sign-in")
-                    op_result = gr.Markdown("", elem_id="op-result")
+            # The chat column comes first: on a phone, where columns stack, the chat is on top.
             with gr.Column(scale=3, min_width=420):
-                chatbot = gr.Chatbot(label="Chat", height=520, elem_id="chatbot", buttons=["copy", "copy_all"])
+                chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot", buttons=["copy", "copy_all"])
                 # lines=1: Gradio sends on Enter only for a one-line box; it still grows to max_lines,
                 # and Shift+Enter makes a new line.
                 message = gr.Textbox(placeholder="Type a message: Enter sends, Shift+Enter makes a new line",
@@ -451,13 +426,51 @@ def build_app() -> gr.Blocks:
                 with gr.Accordion("Generation", open=False):
                     system = gr.Textbox("", label="System prompt", lines=2)
                     gen = PRESETS[default_model].generation if default_model in PRESETS else GenerationParams()
-                    max_new = gr.Slider(1, 2048, value=gen.max_new_tokens, step=1, label="Max new tokens",
-                                        elem_id="max-new")
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS_UI, value=gen.max_new_tokens, step=1,
+                                        label="Max new tokens (up to the model's context)", elem_id="max-new")
                     temperature = gr.Slider(0, 2, value=gen.temperature, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1, value=gen.top_p, step=0.01, label="Top-p")
                     top_k = gr.Slider(0, 200, value=gen.top_k, step=1, label="Top-k (0 = off)")
                     penalty = gr.Slider(0.8, 2, value=gen.repetition_penalty, step=0.01, label="Repetition penalty")
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
+            with gr.Column(scale=2, min_width=360):
+                with gr.Group():
+                    preset = gr.Dropdown(choices=[(label, name) for label, name in names.items()],
+                                         value=default_model if default_model in PRESETS else None,
+                                         label="Model: a preset", elem_id="preset")
+                    custom = gr.Textbox(label="…or a hub ID / local path (replaces the preset)",
+                                        placeholder="owner/name or /path/to/model", elem_id="custom-model")
+                    quant = gr.Radio(["none", "8-bit", "4-bit"], label="Quantization (bitsandbytes)",
+                                     value=_quant_label(PRESETS[default_model].quantization if default_model in PRESETS else "none"),
+                                     elem_id="quant")
+                    with gr.Accordion("Advanced quantization", open=False):
+                        threshold = gr.Number(6.0, label="8-bit outlier threshold")
+                        skip = gr.Textbox("lm_head", label="Modules kept unquantized (comma-separated)")
+                        four_bit = gr.Radio(["nf4", "fp4"], value="nf4", label="4-bit type")
+                        compute = gr.Dropdown(["auto", "float16", "bfloat16", "float32"], value="auto",
+                                              label="4-bit compute dtype")
+                        double_quant = gr.Checkbox(True, label="4-bit double quantization")
+                gpu_sliders = [
+                    gr.Slider(0, round(g.total / GiB, 2), value=round(DEFAULTS.gpu[g.index] / GiB, 2), step=0.05,
+                              label=f"GPU {g.index} · {g.name} (GiB)", elem_id=f"gpu-{g.index}")
+                    for g in HARDWARE.gpus
+                ]
+                cpu = gr.Slider(0, round(HARDWARE.ram_total / GiB, 2), value=round(DEFAULTS.cpu / GiB, 2), step=0.01,
+                                label="CPU RAM budget (GiB)", elem_id="cpu-slider")
+                with gr.Row():
+                    disk = gr.Checkbox(bool(APP_CONFIG.get("disk", True)), label="Disk offload", elem_id="disk")
+                    offload_dir = gr.Textbox(OFFLOAD_ROOT, label="Offload folder", scale=3)
+                plan_view = gr.HTML(elem_id="plan-preview")
+                apply = gr.Button("Apply & reload model", variant="primary", elem_id="apply",
+                                  interactive=ACCESS.open_to_all)
+                # Loading progress and a failed load's error are shown here, never over the plan or status.
+                load_box = gr.HTML("", elem_id="load-result")
+                with gr.Accordion("Operator sign-in", open=False, visible=ACCESS.shared, elem_id="operator"):
+                    gr.Markdown(ACCESS.describe().capitalize() + ".", elem_id="role")
+                    op_user = gr.Textbox(label="Operator name", elem_id="op-user")
+                    op_password = gr.Textbox(label="Password", type="password", elem_id="op-password")
+                    op_button = gr.Button("Sign in", elem_id="op-sign-in")
+                    op_result = gr.Markdown("", elem_id="op-result")
 
         settings_inputs = [preset, custom, quant, threshold, skip, four_bit, compute, double_quant, disk, offload_dir,
                            cpu, *gpu_sliders]
@@ -478,23 +491,38 @@ def build_app() -> gr.Blocks:
             role_view, operator, panel, api_visibility="private", show_progress="hidden")
         gen_inputs = [max_new, temperature, top_p, top_k, penalty, seed]
 
-        # Live preview: sliders on release, everything else on change.
+        # Live preview. Sliders re-plan on every user change (dragging, arrow keys, a typed number):
+        # always_last runs one preview at a time and then the newest.
         for slider in [cpu, *gpu_sliders]:
-            slider.release(preview, settings_inputs, plan_view, api_visibility="private", show_progress="hidden")
+            slider.input(preview, settings_inputs, plan_view, api_visibility="private", show_progress="hidden",
+                         trigger_mode="always_last")
         for component in [quant, threshold, four_bit, compute, double_quant, disk]:
             component.change(preview, settings_inputs, plan_view, api_visibility="private", show_progress="hidden")
-        for textbox in [custom, skip, offload_dir]:
+        for textbox in [skip, offload_dir]:
             textbox.submit(preview, settings_inputs, plan_view, api_visibility="private", show_progress="hidden")
             textbox.blur(preview, settings_inputs, plan_view, api_visibility="private", show_progress="hidden")
 
-        def preset_changed(name: str, *values: Any) -> tuple[Any, str]:
-            label = _quant_label(PRESETS[name].quantization) if name in PRESETS else "none"
-            values = list(values)
-            values[1] = label  # quant radio follows the preset's default
-            return label, preview(name, *values)
+        # One model choice: a path typed replaces the preset (the dropdown empties), a preset chosen
+        # replaces the path (the box empties).
+        def custom_changed(path: str, *values: Any) -> tuple[Any, str]:
+            if not (path or "").strip():
+                return gr.skip(), preview(*values)
+            return gr.update(value=None), preview(None, path, *values[2:])
 
-        preset.change(preset_changed, settings_inputs, [quant, plan_view], api_visibility="private",
-                      show_progress="hidden")
+        for trigger in (custom.submit, custom.blur):
+            trigger(custom_changed, [custom, *settings_inputs], [preset, plan_view], api_visibility="private",
+                    show_progress="hidden")
+
+        def preset_changed(name: str | None, *values: Any) -> tuple[Any, Any, str]:
+            if name not in PRESETS:
+                return gr.skip(), gr.skip(), preview(name, *values)
+            label = _quant_label(PRESETS[name].quantization)
+            values = list(values)
+            values[0], values[1] = "", label  # the path box empties; quant follows the preset's default
+            return "", label, preview(name, *values)
+
+        preset.input(preset_changed, settings_inputs, [custom, quant, plan_view], api_visibility="private",
+                     show_progress="hidden")
         synced = [preset, custom, quant, disk, cpu, *gpu_sliders]
 
         def sync_with_loaded(*values: Any) -> list[Any]:
@@ -506,7 +534,7 @@ def build_app() -> gr.Blocks:
                 if loaded.model in PRESETS:
                     ui["preset"], ui["custom"] = loaded.model, ""
                 else:
-                    ui["custom"] = loaded.model
+                    ui["preset"], ui["custom"] = None, loaded.model
                 ui["quant"] = _quant_label(manager.current.quant.mode if manager.current else "none")
                 ui["disk"] = loaded.disk
                 if loaded.cpu_gib is not None:
@@ -518,10 +546,13 @@ def build_app() -> gr.Blocks:
 
         demo.load(sync_with_loaded, settings_inputs, [*synced, plan_view], api_visibility="private",
                   show_progress="hidden")
-        demo.load(status_markdown, None, status, api_visibility="private", show_progress="hidden")
+        demo.load(lambda current: (status_markdown(), max_new_limit(current)), max_new, [status, max_new],
+                  api_visibility="private", show_progress="hidden")
 
         apply.click(apply_from_page, [operator, *settings_inputs], [load_box, status, plan_view],
-                    api_visibility="private", concurrency_limit=1, concurrency_id="reload", show_progress_on=load_box)
+                    api_visibility="private", concurrency_limit=1, concurrency_id="reload",
+                    show_progress_on=load_box).then(max_new_limit, max_new, max_new, api_visibility="private",
+                                                    show_progress="hidden")
         # The API's /load_model: the same reload, raising errors for API clients (a button never shown).
         api_status, api_plan = gr.Markdown(visible=False), gr.HTML(visible=False)
         gr.Button(visible=False).click(apply_settings, [operator, *settings_inputs], [api_status, api_plan],

@@ -196,7 +196,14 @@ def memory_in_use(loaded: LoadedModel) -> str:
         for index in range(torch.cuda.device_count()):
             parts.append(f"GPU{index} {format_bytes(torch.cuda.memory_allocated(index))} allocated")
     parts.append(f"process RSS {format_bytes(psutil.Process().memory_info().rss)}")
+    size = 0
     if loaded.offload_dir is not None and loaded.offload_dir.exists():
         size = sum(p.stat().st_size for p in loaded.offload_dir.rglob("*") if p.is_file())
+    on_disk = loaded.plan.bytes_per_device.get("disk", 0)
+    if on_disk and size < on_disk // 2:
+        # safetensors layers on the disk tier are read in place from the checkpoint, not copied
+        parts.append(f"disk {format_bytes(on_disk)} read from the checkpoint's files"
+                     + (f" + offload folder {format_bytes(size)}" if size else ""))
+    elif size:
         parts.append(f"offload folder {format_bytes(size)}")
     return " · ".join(parts)

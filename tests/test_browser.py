@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from app_server import REPO, running_app
+from app_server import running_app
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -79,8 +78,6 @@ def test_moving_the_cpu_slider_changes_the_plan_picture(page, tmp_path: Path) ->
     assert page.locator('#plan-preview .plan-legend[data-device="disk"]').count() == 1
     assert page.locator('#plan-preview .plan-seg[data-device="disk"]').count() >= 6  # one per layer at least
     page.screenshot(path=str(tmp_path / "plan.png"), full_page=True)
-    if os.environ.get("UPDATE_SCREENSHOT"):
-        shutil.copy(tmp_path / "plan.png", REPO / "docs" / "screenshot.png")
 
 
 def test_empty_message_shows_a_warning_not_an_error(page) -> None:

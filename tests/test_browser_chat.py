@@ -152,4 +152,4 @@ def test_status_counts_chats_and_closing_a_page_cancels_its_reply(browser, page)
     wait_streaming(other)
     page.wait_for_selector("#status >> text=1 chat being answered together", timeout=15_000)
     other.close()  # the closed page's reply is cancelled: the status of this page goes back to idle
-    page.wait_for_selector("#status >> text=Serving: idle", timeout=15_000)
+    page.wait_for_selector("#status >> text=serving: idle", timeout=15_000)
