@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import greedy, save_checkpoint
 from pipeline.budgets import Budgets, GiB
@@ -50,6 +51,14 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -
     }
 
 
+def next_token_logits(loaded) -> "torch.Tensor":
+    from conftest import PROMPT
+
+    ids = torch.tensor([loaded.tokenizer(PROMPT)["input_ids"]])
+    with torch.inference_mode():
+        return loaded.model(input_ids=ids).logits[0, -1].float()
+
+
 def budgets(tmp_path: Path, cpu: int, disk: bool = True) -> Budgets:
     return Budgets(gpu=(), cpu=cpu, disk=disk, offload_dir=tmp_path / "offload")
 
@@ -82,8 +91,15 @@ def test_quantized_loads_generate(arch: str, mode: str, checkpoints: dict[str, P
     kind = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
     assert any(isinstance(m, kind) for m in loaded.model.modules()), f"{arch}: nothing was quantized"
     tokens = greedy(loaded, n=8)
-    assert len(tokens) == 8 and all(0 <= t < len(loaded.tokenizer) for t in tokens)
     assert greedy(loaded, n=8) == tokens  # deterministic
+    # The quantized model still computes this model: its next-token logits follow the full-precision ones
+    # (unrelated logits score about 0). Measured on these random models (weights N(0, 0.2), which
+    # amplify rounding through the layers): int8 0.994-1.000; nf4 0.67-0.98.
+    full = load_model(resolve_model(str(checkpoints[arch])), budgets(tmp_path, GiB, disk=False))
+    quantized_logits, full_logits = next_token_logits(loaded), next_token_logits(full)
+    unload(full)
+    similarity = torch.nn.functional.cosine_similarity(quantized_logits, full_logits, dim=0)
+    assert similarity > (0.9 if mode == "int8" else 0.5), f"{arch} {mode}: logits cosine similarity {similarity:.3f}"
     unload(loaded)
 
 

@@ -85,8 +85,12 @@ def test_empty_message_shows_a_warning_not_an_error(page) -> None:
     page.fill("#message textarea", "   ")
     page.click("#send")
     page.wait_for_selector("text=Type a message first.", timeout=10_000)
-    page.wait_for_timeout(1500)  # the (skipped) reply step has run by now
-    assert page.locator('#chatbot [data-testid="user"]').count() == messages
+    stats = page.locator("#chatbot >> text=tokens/s").count()
+    page.fill("#message textarea", "And God said")  # then a real message: exactly one more in the chat
+    page.click("#send")
+    page.wait_for_function(f"() => [...document.querySelectorAll('#chatbot *')].filter(e => e.children.length == 0 "
+                           f"&& e.innerText && e.innerText.includes('tokens/s')).length > {stats}", timeout=60_000)
+    assert page.locator('#chatbot [data-testid="user"]').count() == messages + 1
 
 
 def test_html_in_a_message_is_shown_as_text_never_run(page) -> None:
@@ -95,7 +99,7 @@ def test_html_in_a_message_is_shown_as_text_never_run(page) -> None:
     page.click("#send")
     page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length >= 2",
                            timeout=60_000)
-    page.wait_for_timeout(500)
+    page.wait_for_selector("#status >> text=serving: idle", timeout=30_000)  # the reply is complete
     assert page.evaluate("window.__xss") is None
     user_messages = page.locator('#chatbot [data-testid="user"]')
     shown = user_messages.nth(user_messages.count() - 1).inner_text()

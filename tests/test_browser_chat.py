@@ -104,7 +104,7 @@ def test_stop_ends_the_reply_and_marks_it_stopped(page) -> None:
     page.click("#stop")
     page.wait_for_selector("#chatbot >> text=stopped", timeout=15_000)
     length = bot_length(page, 0)
-    page.wait_for_timeout(1500)
+    page.wait_for_selector("#status >> text=serving: idle", timeout=15_000)  # the worker has let the reply go
     assert bot_length(page, 0) == length, "the reply kept growing after Stop"
     assert length < 2048 * 3  # far from a complete 2048-token reply
 
@@ -113,15 +113,16 @@ def test_a_message_sent_during_a_reply_is_answered_after_it(page) -> None:
     send(page, "In the beginning")
     wait_streaming(page)
     send(page, "The quick brown fox")  # while the first reply streams
-    page.wait_for_timeout(1000)
-    assert page.locator(USER).count() == 1  # it waits for the first reply ...
+    grown = bot_length(page, 0) + 40
+    page.wait_for_function(f"() => document.querySelector('{BOT}').innerText.length >= {grown}", timeout=30_000)
+    assert page.locator(USER).count() == 1  # it waits while the first reply goes on ...
     assert page.locator("#message textarea").input_value() == "The quick brown fox"  # ... and is not lost
     page.click("#stop")  # end the first reply: the waiting message goes out
     page.wait_for_function(f"() => document.querySelectorAll('{USER}').length == 2", timeout=30_000)
     users = page.locator(USER)
     assert "In the beginning" in users.nth(0).inner_text() and "The quick brown fox" in users.nth(1).inner_text()
     page.wait_for_function(f"() => document.querySelectorAll('{BOT}').length >= 3", timeout=30_000)
-    page.wait_for_timeout(500)
+    wait_streaming(page, 5)
     page.click("#stop")
     page.wait_for_function("() => document.querySelectorAll('#chatbot .message-wrap *').length > 0 && "
                            "[...document.querySelectorAll('#chatbot')].some(c => "
@@ -134,7 +135,9 @@ def test_clear_during_a_reply_empties_the_chat_for_good(page) -> None:
     wait_streaming(page)
     page.click("#clear")
     page.wait_for_function(f"() => document.querySelectorAll('{USER}').length == 0", timeout=10_000)
-    page.wait_for_timeout(2000)  # the stream was cancelled: it must not put the conversation back
+    page.wait_for_selector("#status >> text=serving: idle", timeout=15_000)  # the stream has ended ...
+    page.wait_for_timeout(500)  # ... and its last update, if any, has reached the page
+    # it must not put the conversation back
     assert page.locator(USER).count() == 0 and page.locator(BOT).count() == 0
     send(page, "darkness")  # and the page still chats
     wait_streaming(page, 5)

@@ -96,9 +96,8 @@ def test_reload_mid_stream_ends_that_stream_cleanly(url: str, endless_model: Pat
     assert job.outputs(), "the stream never started"
     settings = dict(zip(SETTING_NAMES, ["demo", str(endless_model), "none", 6.0, "lm_head", "nf4", "auto", True, True, "",
                                 0.01]))
-    started = time.monotonic()
-    status, picture = admin.predict(*settings.values(), api_name="/load_model")
-    assert time.monotonic() - started < 60, "reload waited too long for the stream"
+    # A deadlock guard, not a speed check: the reload closes the stream's worker instead of waiting for it.
+    status, picture = admin.submit(*settings.values(), api_name="/load_model").result(timeout=300)
     assert "disk" in picture  # the new plan (10 MiB of RAM) is what got loaded
     with pytest.raises(AppError, match="stopped because the model is being reloaded"):
         job.result(timeout=60)
