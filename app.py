@@ -24,7 +24,7 @@ from pipeline.budgets import GiB, app_default_budgets, detect_hardware
 from pipeline.chat import ReplyStats
 from pipeline.errors import PipelineError
 from pipeline.params import GenerationParams
-from pipeline.presets import REPO_ROOT, list_presets, load_app_config
+from pipeline.presets import REPO_ROOT, list_presets, load_app_config, offload_root
 from pipeline.preview import chat_display, chat_raw, error_html, plan_html
 from pipeline.quantization import QuantSettings
 from pipeline.session import ModelManager, Settings
@@ -32,7 +32,7 @@ from pipeline.session import ModelManager, Settings
 logger = logging.getLogger("app")
 
 APP_CONFIG = load_app_config()
-OFFLOAD_ROOT = str(REPO_ROOT / APP_CONFIG.get("offload_dir", "offload"))
+OFFLOAD_ROOT = str(offload_root(None, APP_CONFIG))
 HARDWARE = detect_hardware(OFFLOAD_ROOT)
 DEFAULTS = app_default_budgets(HARDWARE, APP_CONFIG, OFFLOAD_ROOT)
 DISK_CAP_GIB = DEFAULTS.disk_cap / GiB if DEFAULTS.disk_cap is not None else None
@@ -135,9 +135,7 @@ def make_settings(
         threshold = float(threshold)
     except (TypeError, ValueError):
         raise PipelineError(f"8-bit threshold={threshold!r} is not a number") from None
-    folder = Path((offload_dir or "").strip() or OFFLOAD_ROOT).expanduser()
-    if not folder.is_absolute():
-        folder = REPO_ROOT / folder
+    folder = offload_root(offload_dir if isinstance(offload_dir, str) else None, APP_CONFIG)
     root = Path(OFFLOAD_ROOT).resolve()
     if manager.allowed_roots is not None and not (folder.resolve() == root or root in folder.resolve().parents):
         # A shared app writes offload files only under its own offload root.

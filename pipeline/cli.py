@@ -7,14 +7,13 @@ import logging
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from .budgets import GiB, app_default_budgets, detect_hardware, make_budgets
 from .chat import ReplyStats, stream_chat
 from .errors import PipelineError
 from .loading import ENGINES, load_model, prepare, unload
 from .params import GenerationParams
-from .presets import QUANTIZATIONS, REPO_ROOT, list_presets, load_app_config, resolve_model
+from .presets import QUANTIZATIONS, list_presets, load_app_config, offload_root, resolve_model
 from .quantization import QuantSettings
 
 
@@ -31,7 +30,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
                          help="budget per visible GPU, in order (default: 90%% of each GPU's free memory)")
     budgets.add_argument("--cpu-memory", metavar="GIB", default=None, help="CPU RAM budget (default: 70%% of available)")
     budgets.add_argument("--disk", action="store_true", help="allow offloading to disk")
-    budgets.add_argument("--offload-dir", default=None, help="offload folder root (default: from configs/app.yaml)")
+    budgets.add_argument("--offload-dir", default=None,
+                         help="offload folder root; relative to the repository root, as in the app "
+                              "(default: offload_dir of configs/app.yaml)")
     budgets.add_argument("--disk-cap", metavar="GIB", default=None, help="most bytes to put on disk")
     quant = parser.add_argument_group("quantization")
     quant.add_argument("--quant", choices=QUANTIZATIONS, default=None, help="default: the preset's")
@@ -92,9 +93,7 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
             print(f"{name:28} {preset.source:40} {preset.quantization:5} {preset.display_name}")
         return 0
     preset = resolve_model(args.model)
-    offload_dir = Path(args.offload_dir or defaults.get("offload_dir", "offload"))
-    if not offload_dir.is_absolute() and args.offload_dir is None:
-        offload_dir = REPO_ROOT / offload_dir
+    offload_dir = offload_root(args.offload_dir, defaults)
     hardware = detect_hardware(offload_dir)
     proposed = app_default_budgets(hardware, defaults, offload_dir)
     gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in proposed.gpu]

@@ -123,6 +123,9 @@ def load_model(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .versions import warn_if_untested
+
+    warn_if_untested()
     report = progress or (lambda fraction, message: None)
     started = time.perf_counter()
     report(0.0, f"Planning {preset.display_name}")

@@ -172,6 +172,16 @@ def resolve_model(spec: str, preset_dir: Path = PRESET_DIR, allowed_roots: Seque
     )
 
 
+def offload_root(value: str | Path | None, app_config: dict[str, Any] | None = None) -> Path:
+    """The one rule for the offload folder, in the app and the CLI: empty means `offload_dir` of
+    configs/app.yaml; a relative path is relative to the repository root (not to the directory the
+    program was started from), `~` is the home folder."""
+    if value is None or not str(value).strip():
+        value = (app_config if app_config is not None else load_app_config()).get("offload_dir", "offload")
+    folder = Path(str(value).strip()).expanduser()
+    return folder if folder.is_absolute() else REPO_ROOT / folder
+
+
 def load_app_config(path: Path = CONFIG_DIR / "app.yaml") -> dict[str, Any]:
     """App defaults: default model, offload folder, default budgets."""
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

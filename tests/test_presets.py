@@ -103,3 +103,32 @@ def test_preset_defaults() -> None:
     assert preset.int8_skip_modules == ("lm_head",)
     assert preset.trust_remote_code is False
     assert preset.display_name == "x"
+
+
+def test_one_offload_folder_rule_for_the_app_and_the_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import app
+    from pipeline.cli import build_parser
+    from pipeline.presets import REPO_ROOT, offload_root
+
+    monkeypatch.chdir(tmp_path)  # started from elsewhere: relative folders still mean the repository's
+    assert offload_root("scratch/off") == REPO_ROOT / "scratch" / "off"
+    assert offload_root(None, {"offload_dir": "offload"}) == REPO_ROOT / "offload"
+    assert offload_root("  ", {"offload_dir": "elsewhere"}) == REPO_ROOT / "elsewhere"
+    assert offload_root(str(tmp_path / "abs")) == tmp_path / "abs"
+    values = ["demo", "", "none", 6.0, "lm_head", "nf4", "auto", True, True, "scratch/off", 1.0]
+    assert app.make_settings(*values).offload_dir == str(REPO_ROOT / "scratch" / "off")
+    args = build_parser({}).parse_args(["--offload-dir", "scratch/off"])
+    assert offload_root(args.offload_dir, {}) == REPO_ROOT / "scratch" / "off"
+
+
+def test_library_versions_outside_the_tested_ranges_are_named() -> None:
+    from pipeline.versions import TESTED, outside_tested
+
+    assert outside_tested() == []  # what this suite runs with is inside the declared ranges
+    messages = outside_tested({"accelerate": "1.16.0", "bitsandbytes": "0.49.0"})
+    assert len(messages) == 2
+    assert messages[0].startswith("accelerate 1.16.0 is outside the tested range >=1.15.0,<1.16")
+    assert "bitsandbytes 0.49.0" in messages[1] and "compressed transfer may fail" in messages[1]
+    requirements = (Path(__file__).resolve().parent.parent / "requirements.txt").read_text()
+    for package, (low, high) in TESTED.items():
+        assert f"{package}>={low},<{high}" in requirements  # one source of truth, kept in step
