@@ -103,3 +103,25 @@ def test_roles_without_an_operator_account_and_credentials_parsing() -> None:
     assert both.gradio_auth(("visitor", "v")) == [("visitor", "v"), ("op", "pw")]
     assert both.gradio_auth(None) is None
     assert both.is_operator_login("op") and not both.is_operator_login("visitor")
+
+
+@pytest.mark.skipif(not _browser_available(), reason="needs Debian's chromium and playwright")
+def test_logging_in_with_the_operator_account_unlocks_the_panel(tmp_path: Path, demo_dir: Path) -> None:
+    """With --auth and --admin, the app's own login page takes both accounts; the operator's unlocks."""
+    from playwright.sync_api import sync_playwright
+
+    with running_app("--shared", "--auth", "guest:guest-pass", "--admin", "op:op-pass", log=tmp_path / "app.log") as url, \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        for user, password, unlocked in (("guest", "guest-pass", False), ("op", "op-pass", True)):
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(url)
+            page.locator("input[type=text], input:not([type])").first.fill(user)
+            page.locator("input[type=password]").fill(password)
+            page.locator("input[type=password]").press("Enter")
+            page.wait_for_selector("#plan-preview .plan-bar", timeout=60_000)
+            condition = "!document.querySelector('#apply').disabled" if unlocked else \
+                "document.querySelector('#apply').disabled"
+            page.wait_for_function(f"() => {condition}", timeout=10_000)
+            page.close()
+        browser.close()
