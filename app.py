@@ -114,6 +114,15 @@ def _session(request: gr.Request | None) -> ChatSession:
         return _sessions.setdefault(key, ChatSession())
 
 
+def shown(error: object) -> str:
+    """An error as a visitor of a shared app sees it: the app's install folder is not theirs to know
+    (the operator's log keeps the full text)."""
+    text = str(error)
+    if ACCESS.shared:
+        text = text.replace(str(REPO_ROOT), "<app>")
+    return text
+
+
 def _quant_label(mode: str) -> str:
     return {"int8": "8-bit", "nf4": "4-bit", "fp4": "4-bit"}.get(mode, "none")
 
@@ -161,7 +170,7 @@ def preview(*values: Any) -> str:
         return plan_html(plan, manager.resolve(settings).budgets.describe())
     except PipelineError as exc:
         title = "Does not fit" if "does not fit" in str(exc) or "needs" in str(exc) else "Cannot plan"
-        return error_html(str(exc), title)
+        return error_html(shown(exc), title)
 
 
 def status_markdown() -> str:
@@ -211,7 +220,7 @@ def apply_settings(operator: bool, *values: Any, progress: gr.Progress = gr.Prog
         manager.load(settings, progress=lambda f, message: progress(f, desc=message))
     except PipelineError as exc:
         logger.warning("Apply & reload failed: %s", exc)
-        raise gr.Error(f"Loading failed: {exc}. {still_loaded()}", print_exception=False) from None
+        raise gr.Error(shown(f"Loading failed: {exc}. {still_loaded()}"), print_exception=False) from None
     return status_markdown(), preview(*values)
 
 
@@ -315,7 +324,7 @@ def respond(history: list[dict], system: str, max_new: Any, temperature: Any, to
             text = f"internal error ({type(exc).__name__}); the operator's log has the details"
         if not history[-1]["content"]:
             history.pop()
-        history.append({"role": "assistant", "content": ERROR_MARK + chat_display(text)})
+        history.append({"role": "assistant", "content": ERROR_MARK + chat_display(shown(text))})
         yield history
         return
     if session.epoch != epoch:
@@ -395,7 +404,7 @@ def api_chat(message: str, system: str = "", max_new_tokens: int = 256, temperat
                 yield text
     except PipelineError as exc:
         logger.warning("API chat error: %s", exc)
-        raise gr.Error(str(exc), print_exception=False) from None
+        raise gr.Error(shown(exc), print_exception=False) from None
 
 
 def build_app() -> gr.Blocks:
@@ -582,7 +591,7 @@ def preview_api(model: str, cpu_gib: float, disk: bool = True, quantization: str
                             quant=QuantSettings(mode=quantization))
         return manager.plan(settings).to_dict()
     except (PipelineError, ValueError) as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
+        raise gr.Error(shown(exc), print_exception=False) from None
 
 
 

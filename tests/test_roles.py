@@ -125,3 +125,14 @@ def test_logging_in_with_the_operator_account_unlocks_the_panel(tmp_path: Path, 
             page.wait_for_function(f"() => {condition}", timeout=10_000)
             page.close()
         browser.close()
+
+
+def test_a_shared_app_does_not_show_visitors_its_install_folder(shared_url: str) -> None:
+    from gradio_client.exceptions import AppError
+
+    from app_server import REPO
+
+    with pytest.raises(AppError) as info:
+        client(shared_url).predict(str(REPO / "models" / "no-such-model"), 1.0, True, "none", "", api_name="/plan")
+    assert "does not exist" in str(info.value) and str(REPO) not in str(info.value)
+    assert "<app>/models/no-such-model" in str(info.value)
