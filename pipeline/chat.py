@@ -97,6 +97,11 @@ def validate_messages(messages: Sequence[Message]) -> list[Message]:
             raise ConfigError(
                 f"messages[{i}] is {len(m['content']):,} characters; the limit is {MAX_MESSAGE_CHARS:,}"
             )
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigError(f"messages[{i}] has an invalid character at position {exc.start} (a lone UTF-16 "
+                              "surrogate); send UTF-8 text") from None
         clean.append({"role": m["role"], "content": strip_control(m["content"])})
     if clean[-1]["role"] != "user":
         raise ConfigError(f"the last message must be the user's, got role {clean[-1]['role']!r}")

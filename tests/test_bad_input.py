@@ -57,6 +57,9 @@ def broken(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> dict[s
         config = json.loads((configs[name] / "config.json").read_text())
         config.update(change)
         (configs[name] / "config.json").write_text(json.dumps(config))
+    bad_tokenizer = copy("bad-tokenizer")  # an exception type the tokenizer loader did not catch
+    (bad_tokenizer / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": 5}}))
+    configs["bad-tokenizer"] = bad_tokenizer
     not_a_model = root / "not-a-model"
     not_a_model.mkdir()
     (not_a_model / "README.txt").write_text("hello")
@@ -101,6 +104,7 @@ LOAD_CASES = [
     ("truncated safetensors", {"custom": "@truncated"}, "loading .* failed"),
     ("corrupt safetensors", {"custom": "@garbage"}, "loading .* failed"),
     ("missing tokenizer", {"custom": "@no-tokenizer"}, "cannot load its tokenizer"),
+    ("tokenizer file of the wrong shape", {"custom": "@bad-tokenizer"}, "Loading failed: .*tokenizer|is still loaded"),
     ("hub ID with path traversal", {"custom": "owner/../../etc/shadow"}, "does not exist"),
     ("hub ID with a leading dot", {"custom": "./../.."}, "not a Hugging Face checkpoint|is not a directory|no config"),
     ("remote code without consent", {"custom": "@remote-code"}, "needs custom code"),
@@ -320,3 +324,18 @@ def test_quantized_load_with_an_empty_or_foreign_skip_list_still_answers(client,
     assert "quantization **int8**" in status
     still_answers(client)
     client.predict(*BASE.values(), api_name="/load_model")  # back to the catalogue's model
+
+
+def test_api_input_that_is_not_text_gets_a_clear_error() -> None:
+    """A raw HTTP client can send what gradio_client cannot encode: a lone surrogate, or an object."""
+    import gradio as gr
+
+    import app
+    from pipeline.chat import validate_messages
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"messages\[0\] has an invalid character at position 3 \(a lone UTF-16"):
+        validate_messages([{"role": "user", "content": "hi \ud800 there"}])
+    with pytest.raises(gr.Error) as info:
+        list(app.api_chat({"text": "hi"}))
+    assert info.value.message == "message and system must be text"

@@ -127,3 +127,20 @@ def test_max_new_tokens_is_bounded_by_the_context(browser, app_url: str) -> None
     page.wait_for_function(f"() => document.querySelector('#max-new input[type=range]')?.max == '{min(4096, context - 1)}'",
                            timeout=10_000)
     page.close()
+
+
+def test_a_failed_apply_says_the_previous_model_still_answers(browser, app_url: str) -> None:
+    page = open_page(browser, app_url)
+    page.locator("#disk input").uncheck()
+    box = page.locator("#cpu-slider input[type=number]")
+    box.fill("0.001")
+    box.press("Enter")
+    page.wait_for_selector("#plan-preview >> text=Does not fit", timeout=15_000)
+    page.click("#apply")
+    page.wait_for_selector("#load-result .load-failed", timeout=60_000)
+    message = page.inner_text("#load-result")
+    assert "Loading failed" in message and "does not fit" in message and "is still loaded" in message
+    status, failure = page.locator("#status").bounding_box(), page.locator("#load-result").bounding_box()
+    assert status["y"] + status["height"] <= failure["y"] or failure["y"] + failure["height"] <= status["y"]
+    assert "Placement" in page.inner_text("#status")  # the status is still there to read
+    page.close()
