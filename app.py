@@ -190,9 +190,9 @@ MAX_NEW_TOKENS_UI = 4096
 
 
 def max_new_limit(current: Any = None) -> Any:
-    """Max new tokens can leave room for a prompt in the loaded model's context."""
+    """Max new tokens up to half the loaded model's context: the other half is left for the conversation."""
     info = manager.describe()
-    limit = max(1, min(MAX_NEW_TOKENS_UI, int(info["context_length"]) - 1)) if info["loaded"] else MAX_NEW_TOKENS_UI
+    limit = max(1, min(MAX_NEW_TOKENS_UI, int(info["context_length"]) // 2)) if info["loaded"] else MAX_NEW_TOKENS_UI
     if isinstance(current, (int, float)) and current > limit:
         return gr.update(maximum=limit, value=limit)
     return gr.update(maximum=limit)
@@ -434,7 +434,7 @@ def build_app() -> gr.Blocks:
                     system = gr.Textbox("", label="System prompt", lines=2)
                     gen = PRESETS[default_model].generation if default_model in PRESETS else GenerationParams()
                     max_new = gr.Slider(1, MAX_NEW_TOKENS_UI, value=gen.max_new_tokens, step=1,
-                                        label="Max new tokens (up to the model's context)", elem_id="max-new")
+                                        label="Max new tokens (up to half the model's context)", elem_id="max-new")
                     temperature = gr.Slider(0, 2, value=gen.temperature, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1, value=gen.top_p, step=0.01, label="Top-p")
                     top_k = gr.Slider(0, 200, value=gen.top_k, step=1, label="Top-k (0 = off)")

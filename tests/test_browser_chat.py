@@ -57,13 +57,28 @@ def page(browser):
     page.close()
 
 
+def open_generation(page) -> None:
+    """Open the "Generation" accordion; a click that lands while the page still hydrates is lost, so
+    click again until its sliders are there."""
+    for _ in range(5):
+        page.get_by_text("Generation", exact=True).click()
+        try:
+            page.wait_for_selector("#max-new input[type=range]", timeout=3_000)
+            return
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError: try the click again
+            continue
+    raise AssertionError("the Generation accordion never opened")
+
+
 def long_replies(page) -> None:
-    """Max new tokens 2048, typed in the slider's box under "Generation"."""
-    page.get_by_text("Generation", exact=True).click()
-    box = page.locator("#max-new input[type=number]")
-    box.fill("2048")
-    box.press("Enter")
-    page.wait_for_function("() => document.querySelector('#max-new input[type=range]').value == '2048'")
+    """Max new tokens at its maximum (half the model's context of 4096), set with the End key."""
+    open_generation(page)
+    # The page's load event bounds the slider by the model's context: wait for it before moving it.
+    page.wait_for_function("() => document.querySelector('#max-new input[type=range]')?.max == '2048'",
+                           timeout=30_000)
+    page.locator("#max-new input[type=range]").press("End")
+    page.wait_for_function("() => document.querySelector('#max-new input[type=number]').value == '2048'",
+                           timeout=30_000)
 
 
 def bot_length(page, index: int = -1) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from app_server import REPO, running_app
 from test_browser import ARGS, CHROMIUM, pytestmark  # noqa: F401 - the same skip rule as the other browser tests
+from test_browser_chat import open_generation
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +124,8 @@ def test_max_new_tokens_is_bounded_by_the_context(browser, app_url: str) -> None
 
     context = json.loads((REPO / "models" / "demo" / "config.json").read_text())["max_position_embeddings"]
     page = open_page(browser, app_url)
-    page.get_by_text("Generation", exact=True).click()
-    page.wait_for_function(f"() => document.querySelector('#max-new input[type=range]')?.max == '{min(4096, context - 1)}'",
+    open_generation(page)
+    page.wait_for_function(f"() => document.querySelector('#max-new input[type=range]')?.max == '{min(4096, context // 2)}'",
                            timeout=10_000)
     page.close()
 
