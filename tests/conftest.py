@@ -121,6 +121,25 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
 
 
 @pytest.fixture(scope="session")
+def endless_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A random model that never emits eos (context 4096): every reply runs to max_new_tokens or until
+    stopped, so streams are long and predictable."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = tiny_llama_config(len(tok), layers=4, hidden=256)
+    config.max_position_embeddings = 4096
+    path = save_checkpoint(config, tmp_path_factory.mktemp("endless"), tok)
+    generation = path / "generation_config.json"
+    data = json.loads(generation.read_text())
+    data["eos_token_id"] = None
+    generation.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="session")
 def demo_dir() -> Path:
     assert (DEMO / "config.json").is_file(), f"the bundled demo model is missing at {DEMO}"
     return DEMO

@@ -7,13 +7,11 @@ for many seconds: every button below is pressed while the reply is still arrivin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from app_server import running_app
-from conftest import save_checkpoint, tiny_llama_config
 from test_browser import ARGS, CHROMIUM, pytestmark  # noqa: F401 - the same skip rule as the other browser test
 
 BOT = '#chatbot [data-testid="bot"]'
@@ -21,26 +19,11 @@ USER = '#chatbot [data-testid="user"]'
 
 
 @pytest.fixture(scope="module")
-def endless(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = tiny_llama_config(len(tok), layers=4, hidden=256)
-    config.max_position_embeddings = 4096
-    path = save_checkpoint(config, tmp_path_factory.mktemp("endless"), tok)
-    generation = path / "generation_config.json"
-    data = json.loads(generation.read_text())
-    data["eos_token_id"] = None
-    generation.write_text(json.dumps(data))
-    return path
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory, endless: Path):
+def browser(tmp_path_factory: pytest.TempPathFactory, endless_model: Path):
     from playwright.sync_api import sync_playwright
 
     log = tmp_path_factory.mktemp("browser-chat") / "app.log"
-    with running_app("--model", str(endless), log=log) as url, sync_playwright() as p:
+    with running_app("--model", str(endless_model), log=log) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         yield browser, url
         browser.close()

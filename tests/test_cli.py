@@ -69,31 +69,16 @@ def test_errors_are_one_line_with_exit_code_2(args: list[str], message: str) -> 
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
-@pytest.fixture(scope="module")
-def endless_cli_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A model that never emits eos: its replies run until stopped."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = tiny_llama_config(len(tok), hidden=128)
-    config.max_position_embeddings = 8192
-    path = save_checkpoint(config, tmp_path_factory.mktemp("endless-cli"), tok)
-    generation = json.loads((path / "generation_config.json").read_text())
-    generation["eos_token_id"] = None
-    (path / "generation_config.json").write_text(json.dumps(generation))
-    return path
-
-
 @pytest.mark.parametrize(("signal_name", "code", "said"), [("SIGINT", 130, "[cancelled]"), ("SIGTERM", 143, "terminated")])
-def test_a_signal_while_streaming_stops_cleanly(endless_cli_model: Path, tmp_path: Path, signal_name: str, code: int,
+def test_a_signal_while_streaming_stops_cleanly(endless_model: Path, tmp_path: Path, signal_name: str, code: int,
                                                 said: str) -> None:
     import signal
 
     offload = tmp_path / "offload"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--model", str(endless_cli_model), "--cpu-memory",
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--model", str(endless_model), "--cpu-memory",
                              "0.001", "--disk", "--offload-dir", str(offload), "--prompt", "Hello",
-                             "--max-new-tokens", "8000", "--temperature", "0"],
+                             "--max-new-tokens", "2000", "--temperature", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     proc.stdout.readline()  # the plan
     proc.stdout.readline()

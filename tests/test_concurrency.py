@@ -11,7 +11,6 @@ import pytest
 
 from app import SETTING_NAMES
 from app_server import running_app
-from conftest import save_checkpoint, tiny_llama_config
 
 PROMPTS = [f"{word} and the earth" for word in
            ("Hello", "In the beginning", "The quick brown fox", "Memory budgets", "darkness", "God", "fine", "sun")]
@@ -19,24 +18,6 @@ PROMPTS = [f"{word} and the earth" for word in
 
 def chat_args(message: str, max_new_tokens: int) -> list:
     return [message, "", max_new_tokens, 0, 0.9, 50, 1.0, -1]  # greedy
-
-
-@pytest.fixture(scope="module")
-def endless_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A random model that never emits eos, so every reply runs to max_new_tokens (long, predictable streams)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = tiny_llama_config(len(tok), layers=4, hidden=256)
-    config.max_position_embeddings = 4096
-    path = save_checkpoint(config, tmp_path_factory.mktemp("endless"), tok)
-    generation = path / "generation_config.json"
-    import json
-
-    data = json.loads(generation.read_text())
-    data["eos_token_id"] = None
-    generation.write_text(json.dumps(data))
-    return path
 
 
 @pytest.fixture(scope="module")
