@@ -191,18 +191,18 @@ MAX_NEW_TOKENS_UI = 4096
 
 def max_new_limit(current: Any = None) -> Any:
     """Max new tokens up to half the loaded model's context: the other half is left for the conversation."""
-    info = manager.describe()
-    limit = max(1, min(MAX_NEW_TOKENS_UI, int(info["context_length"]) // 2)) if info["loaded"] else MAX_NEW_TOKENS_UI
+    loaded = manager.current
+    limit = max(1, min(MAX_NEW_TOKENS_UI, loaded.context_length // 2)) if loaded and loaded.loaded else MAX_NEW_TOKENS_UI
     if isinstance(current, (int, float)) and current > limit:
         return gr.update(maximum=limit, value=limit)
     return gr.update(maximum=limit)
 
 
 def still_loaded() -> str:
-    info = manager.describe()
-    if info["loaded"]:
-        return f"{info['model']} is still loaded: chats go on as before."
-    return f"No model is loaded now. {info['status']}"
+    loaded = manager.current
+    if loaded is not None and loaded.loaded:
+        return f"{loaded.preset.display_name} is still loaded: chats go on as before."
+    return f"No model is loaded now. {manager.status}"
 
 
 def apply_settings(operator: bool, *values: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, str]:

@@ -142,7 +142,7 @@ def build_prompt(tokenizer: Any, messages: Sequence[Message], context_length: in
             f"tokens minus max_new_tokens={max_new_tokens} leaves {budget}; shorten the message or lower "
             "max_new_tokens"
         )
-    lo, hi, best = 1, len(starts) - 1, last
+    lo, hi, best = 1, len(starts) - 1, last  # invariant: best is the prompt kept from starts[hi]
     while lo < hi:
         mid = (lo + hi) // 2
         candidate = render(starts[mid])
@@ -150,8 +150,6 @@ def build_prompt(tokenizer: Any, messages: Sequence[Message], context_length: in
             hi, best = mid, candidate
         else:
             lo = mid + 1
-    if hi != len(starts) - 1 and best is last:
-        best = render(starts[hi])
     dropped = sum(1 for m in turns[: starts[hi]] if m["role"] == "user")
     return Prompt(best, dropped, stops)
 

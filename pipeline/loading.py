@@ -252,14 +252,14 @@ def _attach_engine(model: Any, plan: Plan, quant: QuantSettings, offload_dir: Pa
                          if plan.compressed else None, cache_dir=offload_dir)
 
 
-def unload(loaded: LoadedModel) -> None:
+def unload(loaded: LoadedModel, reason: str = "the model was unloaded") -> None:
     """Free the model's GPU and CPU memory and delete its offload folder. Safe to call twice.
 
-    The serving worker is closed first: its requests end with an error saying the model was
-    unloaded (a reload closes it earlier, with its own message), and nothing runs the model after."""
+    The serving worker is closed first: its requests end with an error saying `reason`, and nothing
+    runs the model after."""
     with _unload_lock:
         if loaded.server is not None:
-            loaded.server.close("the model was unloaded")
+            loaded.server.close(reason)
             loaded.server = None
         model, loaded.model = loaded.model, None
         if loaded.engine is not None:
@@ -319,17 +319,14 @@ def _offload_folder(root: Path, preset: Preset, plan: Plan, quant: QuantSettings
     root = Path(root).expanduser().resolve()
     unique = f"{hashlib.sha1(key.encode()).hexdigest()[:8]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     folder = root / f"{slug}-{unique}"
-    created = [p for p in [root, *root.parents] if not p.exists()]  # deepest first
+    _created_parents[folder] = [p for p in [root, *root.parents] if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=False)
-        _created_parents[folder] = created
         probe = folder / ".write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        _remove_offload(folder if folder.exists() else None)
-        for parent in created:
-            _rmdir_if_empty(parent)
+        _remove_offload(folder)
         raise LoadError(f"offload folder {str(root)!r} is not writable ({exc.strerror or exc}); choose another folder") from None
     return folder
 

@@ -3,6 +3,8 @@ restoring a logger's level around a call was not).
 
 - Warnings that libraries repeat on every call are shown once per distinct message: one 19-token
   8-bit reply on the CPU logged bitsandbytes' "MatMul8bitLt: inputs will be cast ..." 798 times.
+- accelerate warns "Device N is not available" on every plan for GPUs this machine lacks; planning
+  for them is allowed (what-if plans, tests), so those lines are dropped.
 - A failed optional import is not an error of this app: bitsandbytes warns that its optional CPU
   4-bit kernel package (`kernels`) is missing, and works without it; that line goes to DEBUG.
 """
@@ -36,6 +38,12 @@ class OncePerMessage(logging.Filter):
         return True
 
 
+class MissingGpu(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Device ") and "is not available" in message)
+
+
 class OptionalImport(logging.Filter):
     """Demote a library's notice about a missing optional package to DEBUG."""
 
@@ -63,3 +71,4 @@ def install() -> None:
         logging.getLogger(name).addFilter(OncePerMessage())
     for name, prefixes in OPTIONAL_IMPORTS.items():
         logging.getLogger(name).addFilter(OptionalImport(prefixes))
+    logging.getLogger("accelerate.utils.modeling").addFilter(MissingGpu())

@@ -473,19 +473,6 @@ def plan_device_map(
     )
 
 
-class _MissingGpuFilter(logging.Filter):
-    """Planning for GPUs this machine lacks is allowed (what-if plans, tests); accelerate warns
-    "Device N is not available" on each call. A filter installed once is thread-safe, where saving
-    and restoring the logger's level around each call was not (concurrent previews could leave it raised)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        return not (message.startswith("Device ") and "is not available" in message)
-
-
-logging.getLogger("accelerate.utils.modeling").addFilter(_MissingGpuFilter())
-
-
 def _max_block(model: nn.Module, sizes: dict[str, int]) -> int:
     layers = layer_list(model)
     if layers is None:

@@ -150,10 +150,9 @@ class _Row:
     generator: torch.Generator | None = None
 
 
+@dataclass(frozen=True)
 class _Close:
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        self.done = threading.Event()
+    reason: str
 
 
 class Server:
@@ -266,7 +265,6 @@ class Server:
             if isinstance(item, _Close):
                 self._fail_all(item.reason)
                 self._drain_after_close()
-                item.done.set()
                 return False
             self._waiting.append(item)
 

@@ -93,9 +93,7 @@ class ModelManager:
         with self._swap:
             previous, previous_settings = self.current, self.settings
             if previous is not None:
-                if previous.server is not None:
-                    previous.server.close(RELOAD_MESSAGE)  # replies in flight end now, with this message
-                unload(previous)
+                unload(previous, RELOAD_MESSAGE)  # replies in flight end now, with this message
                 self.current = None
             try:
                 self.current = load_model(resolved.preset, resolved.budgets, progress=progress, prepared=prepared)
