@@ -7,20 +7,24 @@ from pathlib import Path
 import pytest
 
 import app
-from pipeline.session import Settings
+from pipeline.presets import load_app_config
+from pipeline.session import ModelManager, Settings
 
 GEN = (24, 0, 0.9, 50, 1.0, -1)  # max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed
 
 
+CHAT = app.ChatApp(load_app_config(), ModelManager())  # this module's own app state, built by the factory's class
+
+
 @pytest.fixture(scope="module", autouse=True)
 def loaded_demo(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    app.manager.load(Settings(model="demo", cpu_gib=1, disk=True, offload_dir=str(tmp_path_factory.mktemp("off"))))
+    CHAT.manager.load(Settings(model="demo", cpu_gib=1, disk=True, offload_dir=str(tmp_path_factory.mktemp("off"))))
     yield
-    app.manager.current.unload()
+    CHAT.manager.current.unload()
 
 
 def run(history: list[dict], system: str = "", gen: tuple = GEN) -> list[list[dict]]:
-    return [list(h) for h in app.respond(history, system, *gen)]
+    return [list(h) for h in CHAT.respond(history, system, *gen)]
 
 
 def test_reply_streams_then_stats_follow_it() -> None:
@@ -66,10 +70,10 @@ class Page:
 
 def test_stop_cancels_that_pages_reply_only() -> None:
     mine, other = Page("page-a"), Page("page-b")
-    stream = app.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, mine)
-    neighbour = app.respond([{"role": "user", "content": "In the beginning"}], "", 60, 0, 0.9, 50, 1.0, -1, other)
+    stream = CHAT.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, mine)
+    neighbour = CHAT.respond([{"role": "user", "content": "In the beginning"}], "", 60, 0, 0.9, 50, 1.0, -1, other)
     next(stream), next(neighbour)
-    app.stop(mine)
+    CHAT.stop(mine)
     assert "stopped" in list(stream)[-1][-1]["metadata"]["title"]
     final = list(neighbour)[-1]
     assert "stopped" not in final[-1]["metadata"]["title"] and "finished: " in final[-1]["content"]
@@ -79,7 +83,7 @@ def test_gradio_fills_the_request_of_every_chat_event() -> None:
     """Gradio fills a gr.Request parameter only when no *args comes before it."""
     import inspect
 
-    for function in (app.respond, app.send_message, app.stop, app.clear_chat, app.forget_session):
+    for function in (CHAT.respond, CHAT.send_message, CHAT.stop, CHAT.clear_chat, CHAT.forget_session):
         kinds = [p.kind for p in inspect.signature(function).parameters.values()]
         assert inspect.Parameter.VAR_POSITIONAL not in kinds, function.__name__
         assert "request" in inspect.signature(function).parameters, function.__name__
@@ -87,14 +91,14 @@ def test_gradio_fills_the_request_of_every_chat_event() -> None:
 
 def test_clear_stops_the_reply_and_it_never_writes_into_the_cleared_chat() -> None:
     page = Page("page-c")
-    stream = app.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, page)
+    stream = CHAT.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, page)
     next(stream)
-    assert app.clear_chat(page) == []
+    assert CHAT.clear_chat(page) == []
     assert list(stream) == [[]]  # only the empty chat: the stream would have put the conversation back
 
 
 def test_a_message_sent_joins_the_chat_and_is_answered() -> None:
-    updates = list(app.send_message("And God said", [], "", *GEN, Page("page-d")))
+    updates = list(CHAT.send_message("And God said", [], "", *GEN, Page("page-d")))
     box, history = updates[0]
     assert box == "" and history == [{"role": "user", "content": "And God said"}]
     assert "tokens/s" in updates[-1][1][-1]["metadata"]["title"]
@@ -116,15 +120,15 @@ def test_empty_message_is_refused_with_a_warning() -> None:
 
 def test_preview_shows_does_not_fit_instead_of_raising() -> None:
     values = ["demo", "", "none", 6.0, "lm_head", "nf4", "auto", True, False, "", 0.001]
-    html = app.preview(*values)
+    html = CHAT.preview(*values)
     assert 'data-fits="false"' in html and "does not fit" in html
     values[8] = True
-    assert 'data-device="disk"' in app.preview(*values)
+    assert 'data-device="disk"' in CHAT.preview(*values)
 
 
 def test_preview_escapes_html_in_model_names() -> None:
     values = ["demo", "<script>alert(1)</script>", "none", 6.0, "lm_head", "nf4", "auto", True, True, "", 1.0]
-    html = app.preview(*values)
+    html = CHAT.preview(*values)
     assert "<script>" not in html and "&lt;script&gt;" in html
 
 
@@ -152,27 +156,27 @@ def test_shared_app_writes_offload_files_only_under_its_root(monkeypatch: pytest
     from pipeline.errors import PipelineError
 
     values = ["demo", "", "none", 6.0, "lm_head", "nf4", "auto", True, True, str(tmp_path), 1.0]
-    assert app.make_settings(*values).offload_dir == str(tmp_path)  # a local app may use any folder
-    monkeypatch.setattr(app.manager, "allowed_roots", app.MODEL_ROOTS)  # as with --share or on a Space
+    assert CHAT.make_settings(*values).offload_dir == str(tmp_path)  # a local app may use any folder
+    monkeypatch.setattr(CHAT.manager, "allowed_roots", CHAT.model_roots)  # as with --share or on a Space
     with pytest.raises(PipelineError, match="outside .* the only place this shared app writes offload files"):
-        app.make_settings(*values)
-    values[9] = str(Path(app.OFFLOAD_ROOT) / "sub")
-    assert app.make_settings(*values).offload_dir.startswith(app.OFFLOAD_ROOT)
+        CHAT.make_settings(*values)
+    values[9] = str(Path(CHAT.offload_root) / "sub")
+    assert CHAT.make_settings(*values).offload_dir.startswith(CHAT.offload_root)
 
 
 def test_closing_a_page_stops_its_reply_and_forgets_it() -> None:
     page = Page("page-1")
-    stream = app.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, page)
+    stream = CHAT.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, page)
     next(stream)
-    app.forget_session(page)
-    assert list(stream) == [[]] and "page-1" not in app._sessions
-    assert app.manager.current.server.running == 0 or _eventually_idle()
+    CHAT.forget_session(page)
+    assert list(stream) == [[]] and "page-1" not in CHAT._sessions
+    assert CHAT.manager.current.server.running == 0 or _eventually_idle()
 
 
 def _eventually_idle() -> bool:
     import time
 
     deadline = time.monotonic() + 10
-    while app.manager.current.server.running and time.monotonic() < deadline:
+    while CHAT.manager.current.server.running and time.monotonic() < deadline:
         time.sleep(0.01)
-    return app.manager.current.server.running == 0
+    return CHAT.manager.current.server.running == 0

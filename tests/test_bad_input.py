@@ -333,9 +333,10 @@ def test_api_input_that_is_not_text_gets_a_clear_error() -> None:
     import app
     from pipeline.chat import validate_messages
     from pipeline.errors import ConfigError
+    from pipeline.session import ModelManager
 
     with pytest.raises(ConfigError, match=r"messages\[0\] has an invalid character at position 3 \(a lone UTF-16"):
         validate_messages([{"role": "user", "content": "hi \ud800 there"}])
     with pytest.raises(gr.Error) as info:
-        list(app.api_chat({"text": "hi"}))
+        list(app.ChatApp({}, ModelManager()).api_chat({"text": "hi"}))
     assert info.value.message == "message and system must be text"

@@ -108,6 +108,7 @@ def test_preset_defaults() -> None:
 def test_one_offload_folder_rule_for_the_app_and_the_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import app
     from pipeline.cli import build_parser
+    from pipeline.session import ModelManager
     from pipeline.presets import REPO_ROOT, offload_root
 
     monkeypatch.chdir(tmp_path)  # started from elsewhere: relative folders still mean the repository's
@@ -116,7 +117,8 @@ def test_one_offload_folder_rule_for_the_app_and_the_cli(monkeypatch: pytest.Mon
     assert offload_root("  ", {"offload_dir": "elsewhere"}) == REPO_ROOT / "elsewhere"
     assert offload_root(str(tmp_path / "abs")) == tmp_path / "abs"
     values = ["demo", "", "none", 6.0, "lm_head", "nf4", "auto", True, True, "scratch/off", 1.0]
-    assert app.make_settings(*values).offload_dir == str(REPO_ROOT / "scratch" / "off")
+    chat = app.ChatApp({"offload_dir": "offload"}, ModelManager())
+    assert chat.make_settings(*values).offload_dir == str(REPO_ROOT / "scratch" / "off")
     args = build_parser({}).parse_args(["--offload-dir", "scratch/off"])
     assert offload_root(args.offload_dir, {}) == REPO_ROOT / "scratch" / "off"
 

@@ -90,6 +90,16 @@ def test_sign_ins_are_throttled_after_repeated_failures() -> None:
     assert access.check("op", "pw", now=100.0 + WINDOW_SECONDS + MAX_FAILURES) is True
 
 
+def test_app_logins_are_throttled_after_repeated_failures() -> None:
+    """Gradio's login page (`--auth`) has no limit of its own: the auth function pauses logins."""
+    login = Access(shared=True).gradio_auth(("guest", "pw"))
+    assert login("guest", "pw", now=0.0)
+    for i in range(MAX_FAILURES):
+        assert not login("guest", f"wrong{i}", now=100.0 + i)
+    assert not login("guest", "pw", now=110.0)  # paused: even the right password waits
+    assert login("guest", "pw", now=100.0 + WINDOW_SECONDS + MAX_FAILURES)
+
+
 def test_roles_without_an_operator_account_and_credentials_parsing() -> None:
     assert Access(shared=False).open_to_all
     nobody = Access(shared=True)
@@ -100,7 +110,8 @@ def test_roles_without_an_operator_account_and_credentials_parsing() -> None:
     with pytest.raises(ConfigError, match="--admin must be USER:PASS"):
         parse_credentials("justaname", "--admin")
     both = Access(shared=True, admin=("op", "pw"))
-    assert both.gradio_auth(("visitor", "v")) == [("visitor", "v"), ("op", "pw")]
+    login = both.gradio_auth(("visitor", "v"))
+    assert login("visitor", "v") and login("op", "pw") and not login("visitor", "pw") and not login("op", "v")
     assert both.gradio_auth(None) is None
     assert both.is_operator_login("op") and not both.is_operator_login("visitor")
 
@@ -125,6 +136,15 @@ def test_logging_in_with_the_operator_account_unlocks_the_panel(tmp_path: Path, 
             page.wait_for_function(f"() => {condition}", timeout=10_000)
             page.close()
         browser.close()
+        # Gradio's own /login route, guessed at: after MAX_FAILURES wrong passwords even the right one
+        # is refused for a while.
+        import httpx
+
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.post("login", data={"username": "guest", "password": "guest-pass"}).status_code == 200
+            for i in range(MAX_FAILURES):
+                assert http.post("login", data={"username": "guest", "password": f"guess{i}"}).status_code == 400
+            assert http.post("login", data={"username": "guest", "password": "guest-pass"}).status_code == 400
 
 
 def test_a_shared_app_does_not_show_visitors_its_install_folder(shared_url: str) -> None:
