@@ -133,14 +133,18 @@ def test_clear_during_a_reply_empties_the_chat_for_good(page) -> None:
     wait_streaming(page)
     page.click("#clear")
     page.wait_for_function(f"() => document.querySelectorAll('{USER}').length == 0", timeout=10_000)
-    page.wait_for_selector("#status >> text=serving: idle", timeout=15_000)  # the stream has ended ...
-    page.wait_for_timeout(500)  # ... and its last update, if any, has reached the page
-    # it must not put the conversation back
-    assert page.locator(USER).count() == 0 and page.locator(BOT).count() == 0
-    send(page, "darkness")  # and the page still chats
-    wait_streaming(page, 5)
+    # From now on, record whether the cleared conversation ever comes back (a late update of its stream).
+    page.evaluate("""() => { window.restored = false;
+        new MutationObserver(() => { if (document.querySelector('#chatbot').innerText.includes('Memory budgets'))
+            window.restored = true; }).observe(document.querySelector('#chatbot'),
+            {subtree: true, childList: true, characterData: true}); }""")
+    page.wait_for_selector("#status >> text=serving: idle", timeout=15_000)  # the stream has ended
+    send(page, "darkness")  # and the page still chats; the updates of this reply come after every update
+    wait_streaming(page, 5)  # of the cleared one (one event stream per page), so by now any came back
     page.click("#stop")
     page.wait_for_selector("#chatbot >> text=stopped", timeout=15_000)
+    assert page.locator(USER).count() == 1 and "darkness" in page.locator(USER).inner_text()
+    assert page.evaluate("() => window.restored") is False
 
 
 def test_status_counts_chats_and_closing_a_page_cancels_its_reply(browser, page) -> None:
