@@ -550,6 +550,7 @@ class ChatApp:
             gr.Button(visible=False).click(self.apply_settings, [operator, *settings_inputs], [api_status, api_plan],
                                            api_name="load_model", concurrency_limit=1, concurrency_id="reload")
             gr.api(self.preview_api, api_name="plan")
+            gr.api(self.status_api, api_name="status")
 
             gr.on([message.submit, send.click], self.send_message, [message, chatbot, system, *gen_inputs], [message, chatbot],
                   api_visibility="private", show_progress="hidden", trigger_mode="always_last")
@@ -565,6 +566,13 @@ class ChatApp:
             gr.api(self.api_chat, api_name="chat")
             demo.unload(self.forget_session)
         return demo
+
+    def status_api(self) -> dict:
+        """API: what is loaded, where, and how many chats are being answered (JSON)."""
+        info = self.manager.describe()
+        if self.access.shared:
+            info = {key: self.shown(value) if isinstance(value, str) else value for key, value in info.items()}
+        return info
 
     def preview_api(self, model: str, cpu_gib: float, disk: bool = True, quantization: str = "none",
                     gpu_gib: str = "") -> dict:

@@ -68,10 +68,11 @@ def detect_hardware(offload_dir: str | Path = ".") -> Hardware:
     except Exception:  # a broken driver must not stop a CPU-only run
         logger.warning("CUDA probe failed; continuing without GPUs", exc_info=True)
     memory = psutil.virtual_memory()
-    return Hardware(tuple(gpus), int(memory.total), int(memory.available), _free_disk(Path(offload_dir)))
+    return Hardware(tuple(gpus), int(memory.total), int(memory.available), free_disk(Path(offload_dir)))
 
 
-def _free_disk(path: Path) -> int:
+def free_disk(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
     path = path.expanduser().resolve()
     while not path.exists() and path != path.parent:
         path = path.parent

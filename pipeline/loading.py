@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import torch
 
-from .budgets import Budgets
-from .errors import ConfigError, LoadError, ModelSourceError, PipelineError
-from .planning import MODEL_BUILD_LOCK, Plan, load_model_config, plan_device_map, resolve_dtype
+from .budgets import Budgets, free_disk
+from .errors import ConfigError, DoesNotFitError, LoadError, ModelSourceError, PipelineError
+from .planning import MODEL_BUILD_LOCK, Plan, format_bytes, load_model_config, plan_device_map, resolve_dtype
 from .presets import Preset
 from .quantization import QuantSettings
 
@@ -137,6 +137,7 @@ def load_model(
         _check_local_checkpoint(preset.local_path, allow_pickle)
     if quant.enabled:
         _check_bitsandbytes(plan)
+    check_disk_space(prepared, preset, budgets, allow_pickle)
 
     if preset.trust_remote_code:
         logger.warning(
@@ -296,6 +297,35 @@ def _check_local_checkpoint(path: Path, allow_pickle: bool) -> None:
         )
     if not pickles:
         raise ModelSourceError(f"model folder {str(path)!r} has no weight files (*.safetensors)")
+
+
+DISK_MARGIN = 64 * 2**20  # left free beyond the offload files, for the filesystem and the logs
+
+
+def offload_bytes_written(prepared: Prepared, preset: Preset, allow_pickle: bool | None = None) -> int:
+    """Bytes a load writes into its offload folder: the disk tier's weights when they cannot be read in
+    place. Safetensors disk layers are read from the checkpoint's own files (nothing written), except
+    when the offload engine compresses them (rewritten quantized); a pickle checkpoint's disk layers are
+    re-saved in full by transformers."""
+    on_disk = int(prepared.plan.bytes_per_device.get("disk", 0))
+    if not on_disk:
+        return 0
+    allow_pickle = preset.allow_pickle if allow_pickle is None else allow_pickle
+    pickle = allow_pickle and not (preset.local_path is not None and any(preset.local_path.glob("*.safetensors")))
+    return on_disk if pickle or (prepared.engine and prepared.plan.compressed) else 0
+
+
+def check_disk_space(prepared: Prepared, preset: Preset, budgets: Budgets, allow_pickle: bool | None = None) -> None:
+    """Refuse, before anything is loaded or unloaded, a load whose offload files would not fit on the disk."""
+    needed = offload_bytes_written(prepared, preset, allow_pickle)
+    if not needed:
+        return
+    free = free_disk(budgets.offload_dir)
+    if needed + DISK_MARGIN > free:
+        raise DoesNotFitError(
+            f"loading {preset.display_name} writes {format_bytes(needed)} of offload files to "
+            f"{str(budgets.offload_dir)!r}, but only {format_bytes(free)} is free there; free some space, choose "
+            "another offload folder, or raise the GPU/CPU budgets")
 
 
 def _check_bitsandbytes(plan: Plan) -> None:

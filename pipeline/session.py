@@ -18,7 +18,7 @@ from typing import Any
 from .budgets import Budgets, Hardware, detect_hardware, make_budgets
 from .chat import Message, ReplyStats, stream_chat
 from .errors import GenerationError, LoadError, PipelineError
-from .loading import LoadedModel, ProgressCallback, load_model, prepare, unload
+from .loading import LoadedModel, ProgressCallback, check_disk_space, load_model, prepare, unload
 from .params import GenerationParams
 from .planning import Plan, device_label, format_bytes
 from .presets import Preset, resolve_model
@@ -90,6 +90,7 @@ class ModelManager:
         """
         resolved = self.resolve(settings)  # bad input fails here, before anything is unloaded
         prepared = prepare(resolved.preset, resolved.budgets, resolved.quant)  # so does "does not fit"
+        check_disk_space(prepared, resolved.preset, resolved.budgets)  # ... and offload files the disk cannot hold
         with self._swap:
             previous, previous_settings = self.current, self.settings
             if previous is not None:
@@ -159,6 +160,8 @@ class ModelManager:
             "context_length": loaded.context_length,
             "offload": _offload_path(loaded) if plan.offloaded else "",
             "serving": serving_text(loaded),
+            "running": loaded.server.running if loaded.server else 0,  # chats being answered now
+            "waiting": loaded.server.waiting if loaded.server else 0,  # ... and waiting for a place in the batch
         }
 
 

@@ -180,3 +180,21 @@ def _eventually_idle() -> bool:
     while CHAT.manager.current.server.running and time.monotonic() < deadline:
         time.sleep(0.01)
     return CHAT.manager.current.server.running == 0
+
+
+def test_a_shared_app_started_elsewhere_keeps_local_paths_inside_its_model_roots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model roots are the repository's folders wherever the app was started from: a relative path that
+    exists in the working directory is refused, the repository's own models stay allowed."""
+    from pipeline.errors import ModelSourceError
+    from pipeline.presets import REPO_ROOT, resolve_model
+
+    (tmp_path / "models" / "elsewhere").mkdir(parents=True)
+    (tmp_path / "models" / "elsewhere" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    shared = app.ChatApp({"model_roots": ["models"]}, ModelManager())
+    assert shared.model_roots == [REPO_ROOT / "models"]
+    for spec in ("models/elsewhere", "./models/elsewhere", str(tmp_path / "models" / "elsewhere")):
+        with pytest.raises(ModelSourceError, match="outside the folders this shared app may load from"):
+            resolve_model(spec, allowed_roots=shared.model_roots)
+    assert resolve_model(str(REPO_ROOT / "models" / "demo"), allowed_roots=shared.model_roots).name == "demo"

@@ -179,6 +179,39 @@ def test_one_client_cannot_fill_the_queue(url: str) -> None:
         pytest.fail("the cancelled replies never freed their slots")
 
 
+def test_a_reply_whose_client_went_away_is_cancelled(url: str, tmp_path: Path) -> None:
+    """A client that disconnects mid-reply (a killed script, a dropped connection) does not leave its
+    reply running to max_new_tokens: Gradio drops the event, and the reply's stream is cancelled."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "abandon.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from gradio_client import Client\n"
+        f"job = Client({url!r}, verbose=False).submit(*{chat_args(PROMPTS[4], 3000)!r}, api_name='/chat')\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not job.outputs() and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "print('streaming' if job.outputs() else 'never started', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "os._exit(0)\n")
+    watcher = client(url)
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "streaming"
+        assert watcher.predict(api_name="/status")["running"] == 1  # the client is connected: its reply runs
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0  # gone without a word, mid-reply
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 60
+    while watcher.predict(api_name="/status")["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert watcher.predict(api_name="/status")["running"] == 0, "the abandoned reply is still being generated"
+
+
 def test_uploads_are_refused(url: str) -> None:
     import urllib.error
     import urllib.request

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import greedy, save_checkpoint, tiny_llama_config
-from pipeline.budgets import GiB, Budgets
+from pipeline.budgets import GiB, Budgets, Hardware
 from pipeline.errors import LoadError, ModelSourceError
 from pipeline.loading import load_model, unload
 from pipeline.presets import resolve_model
@@ -230,3 +231,46 @@ def test_a_user_folder_is_never_emptied_and_created_parents_go(tiny_llama: Path,
     assert loaded.offload_dir.parent == nested
     unload(loaded)
     assert not (tmp_path / "new").exists()  # the parents this load created went with it
+
+
+def test_a_load_whose_offload_files_do_not_fit_on_the_disk_is_refused_before_unloading(
+        tokenizer_dir: Path, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only files a load writes need free space: a pickle checkpoint's disk layers (re-saved in full).
+    Safetensors disk layers are read in place and need none."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    import pipeline.loading as loading
+    from pipeline.errors import DoesNotFitError
+    from pipeline.loading import offload_bytes_written, prepare
+    from pipeline.session import ModelManager, Settings
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    pickled = save_checkpoint(tiny_llama_config(len(tok)), tmp_path / "pickled", tok)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    whole = prepare(resolve_model(str(tiny_llama)), cpu_budgets(tmp_path, GiB, disk=False))
+    part = whole.plan.total_bytes // 2
+    budgets = Budgets(gpu=(), cpu=part, disk=True, offload_dir=tmp_path / "off")
+    pickle_preset = replace(resolve_model(str(pickled)), allow_pickle=True)
+    plan = prepare(pickle_preset, budgets)
+    on_disk = plan.plan.bytes_per_device["disk"]
+    assert on_disk > 0 and offload_bytes_written(plan, pickle_preset) == on_disk
+    assert offload_bytes_written(prepare(resolve_model(str(tiny_llama)), budgets), resolve_model(str(tiny_llama))) == 0
+
+    monkeypatch.setattr(loading, "free_disk", lambda path: on_disk // 2)  # a nearly full disk
+    with pytest.raises(DoesNotFitError, match=r"writes .* of offload files to .* but only .* is free there"):
+        load_model(pickle_preset, budgets)
+    assert not (tmp_path / "off").exists()  # refused before anything was created
+    in_place = load_model(resolve_model(str(tiny_llama)), budgets)  # safetensors: read in place, no space needed
+    assert in_place.plan.bytes_per_device["disk"] > 0 and greedy(in_place)
+    unload(in_place)
+
+    manager = ModelManager(Hardware((), 16 * GiB, 12 * GiB, 50 * GiB))
+    manager.load(Settings(model=str(tiny_llama), cpu_gib=1, offload_dir=str(tmp_path / "off")))
+    before = manager.current
+    monkeypatch.setattr("pipeline.session.resolve_model", lambda spec, **kw: replace(resolve_model(spec, **kw), allow_pickle=True))
+    with pytest.raises(DoesNotFitError, match="is free there"):
+        manager.load(Settings(model=str(pickled), cpu_gib=part / GiB, offload_dir=str(tmp_path / "off")))
+    assert manager.current is before and before.loaded  # never unloaded: checked first
+    unload(before)
