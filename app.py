@@ -20,6 +20,7 @@ from typing import Any
 import gradio as gr
 
 from pipeline.access import Access, parse_credentials
+from pipeline.api import API_KEY_ENV, ApiAccess, openai_routes
 from pipeline.budgets import GiB, app_default_budgets, detect_hardware
 from pipeline.chat import ReplyStats
 from pipeline.errors import PipelineError
@@ -376,7 +377,18 @@ class ChatApp:
     def api_chat(self, message: str, system: str = "", max_new_tokens: int = 256, temperature: float = 0.7,
                  top_p: float = 0.95, top_k: int = 50, repetition_penalty: float = 1.1, seed: int = -1,
                  request: gr.Request = None) -> Iterator[str]:
-        """API: answer one message, streaming the growing reply text."""
+        """Answer one message with the loaded language model, streaming the growing reply text.
+
+        Args:
+            message: the user's message.
+            system: an optional system prompt.
+            max_new_tokens: the most tokens to generate.
+            temperature: sampling temperature; 0 means greedy decoding.
+            top_p: nucleus sampling threshold (0 to 1].
+            top_k: sample among the k most likely tokens; 0 turns it off.
+            repetition_penalty: above 1 discourages repeating tokens.
+            seed: random seed for reproducible sampling; -1 for a random one.
+        """
         if not isinstance(message, str) or not isinstance(system, str):
             raise gr.Error("message and system must be text", print_exception=False)
         if not message or not message.strip():
@@ -479,7 +491,8 @@ class ChatApp:
                 return [is_operator, *role_view(is_operator)]
 
             demo.load(role_from_login, None, [operator, *panel], api_visibility="private", show_progress="hidden")
-            op_button.click(self.sign_in, [op_user, op_password], [operator, op_result], api_name="sign_in").success(
+            op_button.click(self.sign_in, [op_user, op_password], [operator, op_result], api_name="sign_in",
+                            api_visibility="undocumented").success(
                 role_view, operator, panel, api_visibility="private", show_progress="hidden")
             gen_inputs = [max_new, temperature, top_p, top_k, penalty, seed]
 
@@ -548,7 +561,8 @@ class ChatApp:
             # The API's /load_model: the same reload, raising errors for API clients (a button never shown).
             api_status, api_plan = gr.Markdown(visible=False), gr.HTML(visible=False)
             gr.Button(visible=False).click(self.apply_settings, [operator, *settings_inputs], [api_status, api_plan],
-                                           api_name="load_model", concurrency_limit=1, concurrency_id="reload")
+                                           api_name="load_model", concurrency_limit=1, concurrency_id="reload",
+                                           api_visibility="undocumented")  # callable, but not an MCP tool
             gr.api(self.preview_api, api_name="plan")
             gr.api(self.status_api, api_name="status")
 
@@ -568,7 +582,7 @@ class ChatApp:
         return demo
 
     def status_api(self) -> dict:
-        """API: what is loaded, where, and how many chats are being answered (JSON)."""
+        """What model is loaded, its placement and memory, and how many chats are being answered (JSON)."""
         info = self.manager.describe()
         if self.access.shared:
             info = {key: self.shown(value) if isinstance(value, str) else value for key, value in info.items()}
@@ -576,7 +590,16 @@ class ChatApp:
 
     def preview_api(self, model: str, cpu_gib: float, disk: bool = True, quantization: str = "none",
                     gpu_gib: str = "") -> dict:
-        """API: the plan for a model and budgets, without loading (JSON)."""
+        """Plan where every layer of a model would be placed (GPU, CPU RAM, disk) under memory budgets,
+        without loading it; returns the plan as JSON.
+
+        Args:
+            model: a preset name, a local checkpoint folder or a Hugging Face hub ID.
+            cpu_gib: CPU RAM budget in GiB.
+            disk: whether layers may be offloaded to disk.
+            quantization: "none", "int8", "nf4" or "fp4".
+            gpu_gib: comma-separated GPU budgets in GiB, one per GPU (empty: no GPU).
+        """
         try:
             gpus = tuple(float(x) for x in gpu_gib.split(",") if x.strip()) if gpu_gib else ()
             settings = Settings(model=model, gpu_gib=gpus, cpu_gib=cpu_gib, disk=disk, offload_dir=self.offload_root,
@@ -625,6 +648,11 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
                         help="USER:PASS of the operator, the only one who may change the model in a shared app "
                              "(or set APP_ADMIN)")
     parser.add_argument("--require-auth", action="store_true", help="refuse to share without --auth")
+    parser.add_argument("--api-key", default=None,
+                        help=f"key the OpenAI-compatible API at /v1 requires (or set {API_KEY_ENV}); a shared app or "
+                             "one with --auth serves that API only with a key")
+    parser.add_argument("--mcp", action="store_true",
+                        help="also serve the chat, plan and status functions as MCP tools at /gradio_api/mcp/")
     parser.add_argument("--allow-any-path", action="store_true",
                         help="when shared, allow local model paths outside configs/app.yaml's model_roots")
     return parser.parse_args(argv)
@@ -665,10 +693,21 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("loaded %s: %s", args.model, manager.current.plan.summary)
     except PipelineError as exc:
         logger.error("could not load %s: %s (the app starts without a model)", args.model, exc)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    refusal = None
+    if api_key is None and (shared or auth is not None):
+        refusal = ("this app is shared (or has a login), so its OpenAI-compatible API needs a key: its operator "
+                   f"starts it with --api-key KEY (or sets {API_KEY_ENV})")
+        logger.info("OpenAI-compatible API off: %s", refusal)
+    else:
+        logger.info("OpenAI-compatible API on http://%s:%d/v1 (%s)", args.host, args.port,
+                    "key required" if api_key else "no key: local use only")
     demo = chat_app.build_app()
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
+    # The API's routes go to Gradio's own FastAPI app (the same port), ahead of Gradio's routes.
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=access.gradio_auth(auth),
-                show_error=True, max_file_size=MAX_UPLOAD)
+                show_error=True, max_file_size=MAX_UPLOAD, mcp_server=args.mcp,
+                app_kwargs={"routes": openai_routes(manager, ApiAccess(api_key, refusal))})
 
 
 if __name__ == "__main__":

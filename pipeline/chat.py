@@ -203,14 +203,49 @@ def stream_chat(
     `cancel` (or closing the generator) ends it within one decode step. A failure of the request
     is raised here as GenerationError. `stats` is filled in as it goes.
     """
-    from .serving import server_for
-
     params = params or loaded.preset.generation
-    stats = stats if stats is not None else ReplyStats()
     if not loaded.loaded:
         raise GenerationError("no model is loaded")
     started = time.perf_counter()
     prompt = build_prompt(loaded.tokenizer, messages, loaded.context_length, params.max_new_tokens)
+    yield from _stream(loaded, prompt, params, cancel, stats, started)
+
+
+def stream_completion(
+    loaded: LoadedModel,
+    text: str,
+    params: GenerationParams | None = None,
+    *,
+    cancel: threading.Event | None = None,
+    stats: ReplyStats | None = None,
+) -> Iterator[str]:
+    """Like `stream_chat` for a raw prompt (no chat template): the text that continues `text`."""
+    params = params or loaded.preset.generation
+    if not loaded.loaded:
+        raise GenerationError("no model is loaded")
+    started = time.perf_counter()
+    if not isinstance(text, str) or not text:
+        raise ConfigError("the prompt is empty; give some text to continue")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise ConfigError(f"the prompt is {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"the prompt has an invalid character at position {exc.start} (a lone UTF-16 surrogate); "
+                          "send UTF-8 text") from None
+    ids = list(loaded.tokenizer(strip_control(text)).input_ids)
+    room = loaded.context_length - params.max_new_tokens
+    if len(ids) > room:
+        raise ConfigError(f"the prompt is {len(ids)} tokens; with max tokens {params.max_new_tokens} the context of "
+                          f"{loaded.context_length} holds at most {max(room, 0)}")
+    yield from _stream(loaded, Prompt(ids, 0, ()), params, cancel, stats, started)
+
+
+def _stream(loaded: LoadedModel, prompt: Prompt, params: GenerationParams, cancel: threading.Event | None,
+            stats: ReplyStats | None, started: float) -> Iterator[str]:
+    from .serving import server_for
+
+    stats = stats if stats is not None else ReplyStats()
     stats.prompt_tokens, stats.dropped_turns = len(prompt.input_ids), prompt.dropped_turns
     text = TextStream(loaded.tokenizer, tuple(dict.fromkeys(params.stop + prompt.stop)))
     handle = server_for(loaded).submit(prompt.input_ids, params, cancel)

@@ -1,20 +1,24 @@
-"""`python -m pipeline`: plan, load and chat from the command line, without the UI."""
+"""`python -m pipeline`: plan, load and chat from the command line, without the UI;
+`python -m pipeline serve`: the same model behind an OpenAI-compatible API."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 
+from .api import API_KEY_ENV, ApiAccess, openai_routes
 from .budgets import GiB, app_default_budgets, detect_hardware, make_budgets
 from .chat import ReplyStats, stream_chat
-from .errors import PipelineError
+from .errors import ConfigError, PipelineError
 from .loading import ENGINES, load_model, prepare, unload
 from .params import GenerationParams
 from .presets import QUANTIZATIONS, list_presets, load_app_config, offload_root, resolve_model
 from .quantization import QuantSettings
+from .session import ModelManager, Settings
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
@@ -57,9 +61,26 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     return parser
 
 
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    serve = parser.add_argument_group("serve (python -m pipeline serve)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--api-key", default=None,
+                       help=f"key clients must send as 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = load_app_config()
-    args = build_parser(defaults).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    serving = argv[:1] == ["serve"]
+    parser = build_parser(defaults)
+    if serving:
+        parser.prog += " serve"
+        parser.description = ("Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+                              "/v1/models), without the UI.")
+        add_serve_arguments(parser)
+        argv = argv[1:]
+    args = parser.parse_args(argv)
     _quiet(args.verbose)
     # SIGTERM ends the CLI like Ctrl-C: through every `finally`, so the model is unloaded and its
     # offload folder removed (the default action killed the process and left the folder behind).
@@ -67,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if sys.stdin is not None and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # invalid UTF-8 typed or piped in becomes U+FFFD, not a traceback
     try:
-        return _run(args, defaults)
+        return _serve(args, defaults) if serving else _run(args, defaults)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -150,6 +171,38 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
             history.append({"role": "assistant", "content": reply})
     finally:
         unload(loaded)
+
+
+def _serve(args: argparse.Namespace, defaults: dict) -> int:
+    """Load the model into a ModelManager and serve the OpenAI-compatible API until Ctrl-C or SIGTERM."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a port; accepted: an integer from 1 to 65535")
+    offload_dir = offload_root(args.offload_dir, defaults)
+    hardware = detect_hardware(offload_dir)
+    proposed = app_default_budgets(hardware, defaults, offload_dir)
+    gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in proposed.gpu]
+    cpu = args.cpu_memory if args.cpu_memory is not None else proposed.cpu / GiB
+    quant = QuantSettings(mode=args.quant or "none", int8_threshold=args.int8_threshold,
+                          skip_modules=args.skip_modules if args.skip_modules is not None else "lm_head")
+    settings = Settings(model=args.model, gpu_gib=tuple(gpu), cpu_gib=cpu, disk=args.disk, offload_dir=str(offload_dir),
+                        disk_cap_gib=args.disk_cap, quant=quant, quant_from_preset=args.quant is None)
+    manager = ModelManager(hardware)
+    key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches this address can use it "
+              f"(give --api-key or set {API_KEY_ENV})", file=sys.stderr)
+    loaded = manager.load(settings)
+    print(_plan_text(loaded.plan, loaded.engine is not None), flush=True)
+    app = FastAPI(title="Offload Chat API", routes=openai_routes(manager, ApiAccess(key)))
+    print(f"serving {loaded.preset.name!r} on http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        unload(loaded)
+    return 0
 
 
 def _answer(loaded, messages, params) -> tuple[str, bool]:

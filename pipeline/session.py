@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .budgets import Budgets, Hardware, detect_hardware, make_budgets
-from .chat import Message, ReplyStats, stream_chat
+from .chat import Message, ReplyStats, stream_chat, stream_completion
 from .errors import GenerationError, LoadError, PipelineError
 from .loading import LoadedModel, ProgressCallback, check_disk_space, load_model, prepare, unload
 from .params import GenerationParams
@@ -130,12 +130,31 @@ class ModelManager:
         stats: ReplyStats | None = None,
     ) -> Iterator[str]:
         """Stream a reply from the current model; a reload ends it with a GenerationError saying so."""
+        yield from stream_chat(self._serving(), messages, params, cancel=cancel, stats=stats)
+
+    def stream_completion(
+        self,
+        prompt: str,
+        params: GenerationParams,
+        *,
+        cancel: threading.Event | None = None,
+        stats: ReplyStats | None = None,
+    ) -> Iterator[str]:
+        """Stream the continuation of a raw prompt (no chat template) from the current model."""
+        yield from stream_completion(self._serving(), prompt, params, cancel=cancel, stats=stats)
+
+    @property
+    def loading(self) -> bool:
+        """True while a model is being (re)loaded."""
+        return self._swap.locked()
+
+    def _serving(self) -> LoadedModel:
         with self._swap:  # a reply never starts half-way through a swap
             loaded = self.current
             if loaded is None or not loaded.loaded:
                 raise GenerationError(f"no model is loaded. {self.status}")
             server_for(loaded, self.limits)
-        yield from stream_chat(loaded, messages, params, cancel=cancel, stats=stats)
+        return loaded
 
     def describe(self) -> dict[str, Any]:
         """Status for the UI: model, quantization, placement and memory per device."""

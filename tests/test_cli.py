@@ -109,3 +109,42 @@ def test_the_app_refuses_a_port_out_of_range() -> None:
                             cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "'99999' is not a port; accepted: an integer from 1 to 65535" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_answers_the_openai_api_without_the_ui(tmp_path: Path) -> None:
+    """`python -m pipeline serve`: the model behind /v1 alone, with a key; SIGTERM stops it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from openai import OpenAI
+
+    from app_server import REPO, free_port
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OFFLOAD_CHAT_API_KEY": "serve-key"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port)],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="serve-key", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                models = [m.id for m in client.models.list()]
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+        assert models == ["demo"]
+        answer = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "And God said"}],
+                                                max_tokens=6, temperature=0)
+        assert answer.usage.completion_tokens == 6 and answer.choices[0].message.content
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, 143)
+        assert "serving 'demo' on http://127.0.0.1" in log.read_text()
+    finally:
+        proc.kill()

@@ -147,6 +147,14 @@ def test_logging_in_with_the_operator_account_unlocks_the_panel(tmp_path: Path, 
             assert http.post("login", data={"username": "guest", "password": "guest-pass"}).status_code == 400
 
 
+def test_a_shared_app_without_an_api_key_refuses_the_openai_api(shared_url: str) -> None:
+    import httpx
+
+    response = httpx.get(shared_url + "v1/models", timeout=30)
+    assert response.status_code == 403
+    assert "needs a key" in response.json()["error"]["message"] and "--api-key" in response.json()["error"]["message"]
+
+
 def test_a_shared_app_does_not_show_visitors_its_install_folder(shared_url: str) -> None:
     from gradio_client.exceptions import AppError
 
