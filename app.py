@@ -28,6 +28,7 @@ from pipeline.params import GenerationParams
 from pipeline.presets import REPO_ROOT, list_presets, load_app_config, offload_root
 from pipeline.preview import chat_display, chat_raw, error_html, plan_html
 from pipeline.quantization import QuantSettings
+from pipeline.remote import list_models
 from pipeline.session import ModelManager, Settings
 
 logger = logging.getLogger("app")
@@ -228,6 +229,9 @@ class ChatApp:
         info = self.manager.describe()
         if not info["loaded"]:
             return f"**No model loaded.** {info['status']}"
+        if info["remote"]:
+            return (f"**{info['model']}** · remote engine at {self.shown(info['remote'])} (nothing runs on this "
+                    f"machine) · serving: {info['serving']}  \n{self.shown(info['status'])}")
         offload = f" (offloaded layers run with the {info['offload']})" if info["offload"] else ""
         return (
             f"**{info['model']}** · {info['dtype']} · quantization **{info['quantization']}** · "
@@ -245,7 +249,9 @@ class ChatApp:
         return gr.update(maximum=limit)
 
     def still_loaded(self) -> str:
-        loaded = self.manager.current
+        loaded, remote = self.manager.current, self.manager.remote
+        if remote is not None:
+            return f"Replies still come from {remote.describe()}: chats go on as before."
         if loaded is not None and loaded.loaded:
             return f"{loaded.preset.display_name} is still loaded: chats go on as before."
         return f"No model is loaded now. {self.manager.status}"
@@ -274,10 +280,39 @@ class ChatApp:
         try:
             status, picture = self.apply_settings(operator, *values, progress=progress)
         except gr.Error as exc:
-            box = ('<div class="load-failed" role="alert" style="color:#991b1b;background:#fef2f2;border:1px solid #fca5a5;'
-                   f'border-radius:6px;padding:8px 10px">{html.escape(str(exc.message))}</div>')
-            return box, self.status_markdown(), self.preview(*values)
+            return self._failed(str(exc.message)), self.status_markdown(), self.preview(*values)
         return "", status, picture
+
+    def remote_models(self, operator: bool, url: str, key: str) -> Any:
+        """"List models": the endpoint's model list, for the model box (the operator's only)."""
+        if not operator:
+            raise gr.Error("Only the operator can connect this app to a remote engine.", print_exception=False)
+        try:
+            names = list_models(url, key or None)
+        except PipelineError as exc:
+            logger.warning("listing a remote endpoint's models failed: %s", exc)
+            raise gr.Error(str(exc), print_exception=False) from None
+        if not names:
+            gr.Warning("The endpoint lists no models: type the model's name.")
+        return gr.update(choices=names, value=names[0] if names else None)
+
+    def connect_remote(self, operator: bool, url: str, key: str, model: str) -> tuple[str, str, str]:
+        """"Connect": replies come from the endpoint from now on; on failure nothing changes, and the
+        message beside the button says what still answers."""
+        if not operator:
+            return self._failed("Only the operator of this shared app can change the model."), self.status_markdown(), gr.skip()
+        try:
+            remote = self.manager.connect_remote(url, model or "", key or None)
+        except PipelineError as exc:
+            logger.warning("connecting to a remote engine failed: %s", exc)
+            return self._failed(f"Connecting failed: {exc}. {self.still_loaded()}"), self.status_markdown(), gr.skip()
+        picture = (f"<div id='remote-plan' style='padding:8px'>Replies come from <b>{html.escape(remote.model)}</b> on "
+                   f"{html.escape(remote.url)}: no layer is placed on this machine. Apply a local model to return.</div>")
+        return "", self.status_markdown(), picture
+
+    def _failed(self, message: str) -> str:
+        return ('<div class="load-failed" role="alert" style="color:#991b1b;background:#fef2f2;border:1px solid #fca5a5;'
+                f'border-radius:6px;padding:8px 10px">{html.escape(message)}</div>')
 
     def sign_in(self, user: str, password: str, request: gr.Request = None) -> tuple[bool, str]:
         """The operator signs in (this page, or this API client's session, becomes the operator)."""
@@ -469,6 +504,16 @@ class ChatApp:
                                       interactive=self.access.open_to_all)
                     # Loading progress and a failed load's error are shown here, never over the plan or status.
                     load_box = gr.HTML("", elem_id="load-result")
+                    with gr.Accordion("…or a remote engine (OpenAI-compatible: vLLM, SGLang, another Offload Chat)",
+                                      open=False, elem_id="remote"):
+                        remote_url = gr.Textbox(label="Endpoint URL", placeholder="http://127.0.0.1:8000/v1",
+                                                elem_id="remote-url")
+                        remote_key = gr.Textbox(label="API key (if it needs one)", type="password", elem_id="remote-key")
+                        remote_model = gr.Dropdown([], label="Model", allow_custom_value=True, elem_id="remote-model")
+                        with gr.Row():
+                            remote_list = gr.Button("List models", elem_id="remote-list")
+                            remote_connect = gr.Button("Connect", variant="primary", elem_id="remote-connect")
+                        gr.Markdown("Top-k and repetition penalty are not part of OpenAI's API and are not sent.")
                     with gr.Accordion("Operator sign-in", open=False, visible=self.access.shared, elem_id="operator"):
                         gr.Markdown(self.access.describe().capitalize() + ".", elem_id="role")
                         op_user = gr.Textbox(label="Operator name", elem_id="op-user")
@@ -481,7 +526,7 @@ class ChatApp:
             # This page's role, kept on the server (API clients cannot send it): a local app's user is the
             # operator; in a shared app only after signing in (or logging in with the operator's account).
             operator = gr.State(self.access.open_to_all)
-            panel = [*settings_inputs, apply]
+            panel = [*settings_inputs, apply, remote_url, remote_key, remote_model, remote_list, remote_connect]
 
             def role_view(is_operator: bool) -> list[Any]:
                 return [gr.update(interactive=is_operator) for _ in panel]
@@ -558,6 +603,11 @@ class ChatApp:
                         api_visibility="private", concurrency_limit=1, concurrency_id="reload",
                         show_progress_on=load_box).then(self.max_new_limit, max_new, max_new, api_visibility="private",
                                                         show_progress="hidden")
+            remote_list.click(self.remote_models, [operator, remote_url, remote_key], remote_model,
+                              api_visibility="private", show_progress_on=remote_model)
+            remote_connect.click(self.connect_remote, [operator, remote_url, remote_key, remote_model],
+                                 [load_box, status, plan_view], api_visibility="private", concurrency_limit=1,
+                                 concurrency_id="reload", show_progress_on=load_box)
             # The API's /load_model: the same reload, raising errors for API clients (a button never shown).
             api_status, api_plan = gr.Markdown(visible=False), gr.HTML(visible=False)
             gr.Button(visible=False).click(self.apply_settings, [operator, *settings_inputs], [api_status, api_plan],
@@ -651,6 +701,12 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
     parser.add_argument("--api-key", default=None,
                         help=f"key the OpenAI-compatible API at /v1 requires (or set {API_KEY_ENV}); a shared app or "
                              "one with --auth serves that API only with a key")
+    parser.add_argument("--remote", default=None, metavar="URL",
+                        help="answer from an OpenAI-compatible endpoint (vLLM, SGLang, another Offload Chat) instead "
+                             "of a local model")
+    parser.add_argument("--remote-model", default=None, metavar="NAME", help="the endpoint's model (with --remote)")
+    parser.add_argument("--remote-api-key", default=os.environ.get("REMOTE_API_KEY"),
+                        help="the endpoint's API key (with --remote; or set REMOTE_API_KEY)")
     parser.add_argument("--mcp", action="store_true",
                         help="also serve the chat, plan and status functions as MCP tools at /gradio_api/mcp/")
     parser.add_argument("--allow-any-path", action="store_true",
@@ -682,17 +738,23 @@ def main(argv: list[str] | None = None) -> None:
     if shared and not args.allow_any_path:
         manager.allowed_roots = chat_app.model_roots  # strangers may not load arbitrary folders of this machine
         logger.info("local model paths limited to %s", ", ".join(str(r) for r in chat_app.model_roots))
-    defaults = chat_app.defaults
-    try:
-        gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in defaults.gpu]
-        cpu = args.cpu_memory if args.cpu_memory is not None else defaults.cpu / GiB
-        disk = bool(config.get("disk", True)) and not args.no_disk
-        settings = Settings(model=args.model, gpu_gib=tuple(gpu), cpu_gib=cpu, disk=disk, offload_dir=root,
-                            disk_cap_gib=chat_app.disk_cap_gib, quant_from_preset=True)
-        manager.load(settings)
-        logger.info("loaded %s: %s", args.model, manager.current.plan.summary)
-    except PipelineError as exc:
-        logger.error("could not load %s: %s (the app starts without a model)", args.model, exc)
+    if args.remote:
+        try:
+            manager.connect_remote(args.remote, args.remote_model or "", args.remote_api_key)
+        except PipelineError as exc:
+            logger.error("could not connect to %s: %s (the app starts without a model)", args.remote, exc)
+    else:
+        defaults = chat_app.defaults
+        try:
+            gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in defaults.gpu]
+            cpu = args.cpu_memory if args.cpu_memory is not None else defaults.cpu / GiB
+            disk = bool(config.get("disk", True)) and not args.no_disk
+            settings = Settings(model=args.model, gpu_gib=tuple(gpu), cpu_gib=cpu, disk=disk, offload_dir=root,
+                                disk_cap_gib=chat_app.disk_cap_gib, quant_from_preset=True)
+            manager.load(settings)
+            logger.info("loaded %s: %s", args.model, manager.current.plan.summary)
+        except PipelineError as exc:
+            logger.error("could not load %s: %s (the app starts without a model)", args.model, exc)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     refusal = None
     if api_key is None and (shared or auth is not None):

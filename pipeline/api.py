@@ -98,6 +98,7 @@ class Completion:
 def openai_routes(manager: ModelManager, access: ApiAccess) -> list[BaseRoute]:
     """The API's routes, for `FastAPI(routes=...)` (or Gradio's `launch(app_kwargs={"routes": ...})`)."""
     router = APIRouter(prefix="/v1")
+    started = int(time.time())
 
     def guarded(handler: Callable) -> Callable:
         async def endpoint(request: Request) -> Any:
@@ -113,7 +114,11 @@ def openai_routes(manager: ModelManager, access: ApiAccess) -> list[BaseRoute]:
         return endpoint
 
     async def models(request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [_model_card(manager)] if _loaded_id(manager) else []})
+        served = manager.served()
+        card = {"id": served.id, "object": "model", "created": started, "owned_by": "offload-chat"} if served else None
+        if served and served.context_length:
+            card["context_length"] = served.context_length
+        return JSONResponse({"object": "list", "data": [card] if card else []})
 
     async def chat_completions(request: Request) -> Any:
         body = await _json_body(request)
@@ -129,17 +134,6 @@ def openai_routes(manager: ModelManager, access: ApiAccess) -> list[BaseRoute]:
     router.add_api_route("/chat/completions", guarded(chat_completions), methods=["POST"])
     router.add_api_route("/completions", guarded(completions), methods=["POST"])
     return list(router.routes)
-
-
-def _loaded_id(manager: ModelManager) -> str | None:
-    loaded = manager.current
-    return loaded.preset.name if loaded is not None and loaded.loaded else None
-
-
-def _model_card(manager: ModelManager) -> dict:
-    loaded = manager.current
-    return {"id": loaded.preset.name, "object": "model", "created": int(getattr(loaded, "created", time.time())),
-            "owned_by": "offload-chat", "context_length": loaded.context_length}
 
 
 async def _json_body(request: Request) -> dict:
@@ -164,16 +158,16 @@ def _parse(body: dict, manager: ModelManager, chat: bool) -> Completion:
         raise ApiError(400, "model is required: the id of the loaded model (GET /v1/models lists it)", param="model")
     if manager.loading:
         raise ApiError(503, "a model is being loaded; try again in a moment", "server_error", code="model_loading")
-    loaded = manager.current
-    if loaded is None or not loaded.loaded:
+    served = manager.served()
+    if served is None:
         raise ApiError(503, f"no model is loaded ({manager.status})", "server_error", code="no_model")
-    if model not in (loaded.preset.name, loaded.preset.display_name, loaded.preset.source):
-        raise ApiError(404, f"the model {model!r} does not exist here; this server has {loaded.preset.name!r}",
+    if model not in served.names:
+        raise ApiError(404, f"the model {model!r} does not exist here; this server has {served.id!r}",
                        param="model", code="model_not_found")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     if max_tokens is None:  # the preset's default: an offloaded model is slow, an unbounded default would not be
-        max_tokens = min(loaded.preset.generation.max_new_tokens, loaded.context_length // 2)
+        max_tokens = served.default_max_tokens
     stop = body.get("stop")
     if stop is None:
         stop = ()
@@ -333,6 +327,8 @@ def _api_error(exc: PipelineError) -> ApiError:
     message = str(exc)
     if isinstance(exc, ConfigError):
         return ApiError(400, message, param="messages" if "message" in message else None)
+    if isinstance(exc, GenerationError) and "remote endpoint" in message:
+        return ApiError(502, message, "server_error", code="upstream_error")
     if isinstance(exc, GenerationError) and ("busy" in message or "no model" in message or "reloaded" in message
                                              or "unloaded" in message):
         return ApiError(503, message, "server_error")

@@ -18,6 +18,7 @@ from .loading import ENGINES, load_model, prepare, unload
 from .params import GenerationParams
 from .presets import QUANTIZATIONS, list_presets, load_app_config, offload_root, resolve_model
 from .quantization import QuantSettings
+from .remote import connect
 from .session import ModelManager, Settings
 
 
@@ -29,6 +30,13 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=defaults.get("default_model", "demo"),
                         help="preset name, local checkpoint folder or hub ID (default: %(default)s)")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    remote = parser.add_argument_group("remote engine (instead of a local model)")
+    remote.add_argument("--remote", default=None, metavar="URL",
+                        help="chat with a model on an OpenAI-compatible endpoint (vLLM, SGLang, Offload Chat, ...)")
+    remote.add_argument("--remote-model", default=None, metavar="NAME", help="the endpoint's model")
+    parser.add_argument("--api-key", default=None,
+                        help=f"with --remote: the endpoint's key (or set REMOTE_API_KEY); with serve: the key clients "
+                             f"must send as 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
     budgets = parser.add_argument_group("budgets (GiB)")
     budgets.add_argument("--gpu-memory", nargs="+", metavar="GIB", default=None,
                          help="budget per visible GPU, in order (default: 90%% of each GPU's free memory)")
@@ -65,8 +73,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     serve = parser.add_argument_group("serve (python -m pipeline serve)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    serve.add_argument("--api-key", default=None,
-                       help=f"key clients must send as 'Authorization: Bearer KEY' (or set {API_KEY_ENV})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +119,8 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
         for name, preset in list_presets().items():
             print(f"{name:28} {preset.source:40} {preset.quantization:5} {preset.display_name}")
         return 0
+    if args.remote:
+        return _run_remote(args)
     preset = resolve_model(args.model)
     offload_dir = offload_root(args.offload_dir, defaults)
     hardware = detect_hardware(offload_dir)
@@ -148,29 +156,44 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
     if interactive:
         print(file=sys.stderr)
     try:
-        history = [{"role": "system", "content": args.system}] if args.system else []
-        if args.prompt is not None:
-            _, interrupted = _answer(loaded, history + [{"role": "user", "content": args.prompt}], params)
-            return 130 if interrupted else 0
-        while True:
-            try:
-                line = input("> ") if sys.stdin is not None and not sys.stdin.closed else None
-            except EOFError:
-                line = None
-            if line is None:
-                return 0
-            if line.strip() in {"exit", "quit", "/exit"}:
-                return 0
-            history.append({"role": "user", "content": line})
-            try:
-                reply, _ = _answer(loaded, history, params)  # Ctrl-C stops the reply; the chat goes on
-            except PipelineError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                history.pop()
-                continue
-            history.append({"role": "assistant", "content": reply})
+        return _chat(lambda messages, p, **kw: stream_chat(loaded, messages, p, **kw), args, params)
     finally:
         unload(loaded)
+
+
+def _run_remote(args: argparse.Namespace) -> int:
+    """Chat with a model on an OpenAI-compatible endpoint: the same loop, the same stats line."""
+    if args.plan_only:
+        raise ConfigError("--plan-only plans a local model; a remote engine places nothing on this machine")
+    remote = connect(args.remote, args.remote_model or "", args.api_key or os.environ.get("REMOTE_API_KEY"))
+    print(f"remote: {remote.describe()}", flush=True)
+    base = GenerationParams(max_new_tokens=256, temperature=0.7, top_p=0.95)
+    return _chat(remote.stream, args, _params(args, base))
+
+
+def _chat(stream, args: argparse.Namespace, params: GenerationParams) -> int:
+    """One answer (--prompt) or an interactive chat until exit, EOF or a closed stdin."""
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        _, interrupted = _answer(stream, history + [{"role": "user", "content": args.prompt}], params)
+        return 130 if interrupted else 0
+    while True:
+        try:
+            line = input("> ") if sys.stdin is not None and not sys.stdin.closed else None
+        except EOFError:
+            line = None
+        if line is None:
+            return 0
+        if line.strip() in {"exit", "quit", "/exit"}:
+            return 0
+        history.append({"role": "user", "content": line})
+        try:
+            reply, _ = _answer(stream, history, params)  # Ctrl-C stops the reply; the chat goes on
+        except PipelineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": reply})
 
 
 def _serve(args: argparse.Namespace, defaults: dict) -> int:
@@ -178,6 +201,8 @@ def _serve(args: argparse.Namespace, defaults: dict) -> int:
     import uvicorn
     from fastapi import FastAPI
 
+    if args.remote:
+        raise ConfigError("serve serves a local model; point clients at the remote engine itself")
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not a port; accepted: an integer from 1 to 65535")
     offload_dir = offload_root(args.offload_dir, defaults)
@@ -205,14 +230,14 @@ def _serve(args: argparse.Namespace, defaults: dict) -> int:
     return 0
 
 
-def _answer(loaded, messages, params) -> tuple[str, bool]:
+def _answer(stream, messages, params) -> tuple[str, bool]:
     """Stream one reply to stdout; returns its text and whether Ctrl-C stopped it."""
     stats = ReplyStats()
     cancel = threading.Event()
     parts = []
     interrupted = False
     try:
-        for piece in stream_chat(loaded, messages, params, cancel=cancel, stats=stats):
+        for piece in stream(messages, params, cancel=cancel, stats=stats):
             parts.append(piece)
             print(piece, end="", flush=True)
     except KeyboardInterrupt:

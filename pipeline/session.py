@@ -23,11 +23,24 @@ from .params import GenerationParams
 from .planning import Plan, device_label, format_bytes
 from .presets import Preset, resolve_model
 from .quantization import QuantSettings
+from .remote import RemoteModel, connect
 from .serving import ServingLimits, server_for
 
 logger = logging.getLogger(__name__)
 
 RELOAD_MESSAGE = "the reply was stopped because the model is being reloaded"
+REMOTE_MESSAGE = "the reply was stopped because the app switched to a remote engine"
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the app serves now, as API clients name it."""
+
+    id: str
+    names: tuple[str, ...]  # every name a request may use for it
+    context_length: int | None  # None: a remote engine's, unknown here
+    default_max_tokens: int
+    remote: str | None = None  # the endpoint's URL for a remote engine
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,8 @@ class ModelManager:
         self.current: LoadedModel | None = None
         self.settings: Settings | None = None
         self.status = "No model loaded."
+        self.remote: RemoteModel | None = None  # set: replies come from this endpoint instead of a local model
+        self._remote_running = 0
         self._swap = threading.Lock()  # held while the model is replaced; a reply starts before or after
 
     def resolve(self, settings: Settings) -> Resolved:
@@ -98,7 +113,7 @@ class ModelManager:
                 self.current = None
             try:
                 self.current = load_model(resolved.preset, resolved.budgets, progress=progress, prepared=prepared)
-                self.settings = settings
+                self.settings, self.remote = settings, None
                 self.status = f"Loaded {resolved.preset.display_name}."
                 return self.current
             except Exception as exc:
@@ -109,6 +124,8 @@ class ModelManager:
                 raise exc from None
 
     def _restore(self, previous: Settings | None, exc: Exception) -> str:
+        if self.remote is not None:  # the remote engine was never disconnected: it still answers
+            return f"Loading failed ({exc}); still connected to {self.remote.describe()}."
         if previous is None:
             return f"No model loaded: {exc}"
         try:
@@ -121,6 +138,19 @@ class ModelManager:
             self.current, self.settings = None, None
             return f"No model loaded: {exc}; restoring the previous model also failed: {again}"
 
+    def connect_remote(self, url: str, model: str, api_key: str | None = None) -> RemoteModel:
+        """Serve replies from an OpenAI-compatible endpoint. The endpoint is checked first (reachable,
+        key accepted, model served): if it fails, nothing changes and the current backend still answers.
+        On success the local model, if any, is unloaded (its replies end with a message)."""
+        remote = connect(url, model, api_key)
+        with self._swap:
+            if self.current is not None:
+                unload(self.current, REMOTE_MESSAGE)
+            self.current, self.settings, self.remote = None, None, remote
+            self.status = f"Connected to {remote.describe()}."
+        logger.info("replies now come from %s", remote.describe())
+        return remote
+
     def stream(
         self,
         messages: Sequence[Message],
@@ -130,7 +160,31 @@ class ModelManager:
         stats: ReplyStats | None = None,
     ) -> Iterator[str]:
         """Stream a reply from the current model; a reload ends it with a GenerationError saying so."""
-        yield from stream_chat(self._serving(), messages, params, cancel=cancel, stats=stats)
+        backend = self._serving()
+        if isinstance(backend, RemoteModel):
+            yield from self._counted(backend.stream(messages, params, cancel=cancel, stats=stats))
+        else:
+            yield from stream_chat(backend, messages, params, cancel=cancel, stats=stats)
+
+    def _counted(self, pieces: Iterator[str]) -> Iterator[str]:
+        with self._swap:
+            self._remote_running += 1
+        try:
+            yield from pieces
+        finally:
+            with self._swap:
+                self._remote_running -= 1
+
+    def served(self) -> Served | None:
+        """What API clients may ask for now (None: nothing is loaded)."""
+        remote, loaded = self.remote, self.current
+        if remote is not None:
+            return Served(remote.model, (remote.model,), None, 256, remote.url)
+        if loaded is None or not loaded.loaded:
+            return None
+        preset = loaded.preset
+        return Served(preset.name, (preset.name, preset.display_name, preset.source), loaded.context_length,
+                      max(1, min(preset.generation.max_new_tokens, loaded.context_length // 2)))
 
     def stream_completion(
         self,
@@ -141,15 +195,21 @@ class ModelManager:
         stats: ReplyStats | None = None,
     ) -> Iterator[str]:
         """Stream the continuation of a raw prompt (no chat template) from the current model."""
-        yield from stream_completion(self._serving(), prompt, params, cancel=cancel, stats=stats)
+        backend = self._serving()
+        if isinstance(backend, RemoteModel):
+            yield from self._counted(backend.stream_completion(prompt, params, cancel=cancel, stats=stats))
+        else:
+            yield from stream_completion(backend, prompt, params, cancel=cancel, stats=stats)
 
     @property
     def loading(self) -> bool:
         """True while a model is being (re)loaded."""
         return self._swap.locked()
 
-    def _serving(self) -> LoadedModel:
+    def _serving(self) -> LoadedModel | RemoteModel:
         with self._swap:  # a reply never starts half-way through a swap
+            if self.remote is not None:
+                return self.remote
             loaded = self.current
             if loaded is None or not loaded.loaded:
                 raise GenerationError(f"no model is loaded. {self.status}")
@@ -158,6 +218,12 @@ class ModelManager:
 
     def describe(self) -> dict[str, Any]:
         """Status for the UI: model, quantization, placement and memory per device."""
+        remote = self.remote
+        if remote is not None:
+            running = self._remote_running
+            return {"loaded": True, "remote": remote.url, "model": remote.model, "status": self.status,
+                    "serving": f"{running} chat{'s' if running != 1 else ''} streaming from the endpoint" if running
+                    else "idle", "running": running, "waiting": 0}
         loaded = self.current
         if loaded is None or not loaded.loaded:
             return {"loaded": False, "status": self.status}
@@ -168,6 +234,7 @@ class ModelManager:
         )
         return {
             "loaded": True,
+            "remote": None,
             "in_use": memory_in_use(loaded),
             "status": self.status,
             "model": loaded.preset.display_name,

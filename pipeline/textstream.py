@@ -63,17 +63,18 @@ def holdback(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
-class TextStream:
-    """Token ids in, displayable text out, with stop strings cut and their possible starts held back.
+class StopFilter:
+    """Text in, text out, with stop strings cut and their possible starts held back.
 
     `push` returns the text that can be shown now; once a stop string appears, `stopped` is true,
     the text ends just before it and everything after is ignored. `finish` returns what was held back.
+    Used on decoded tokens (TextStream) and on a remote engine's text, whose server may keep the stop
+    string in its reply (`transformers serve` does).
     """
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
-        self.decoder = IncrementalDecoder(tokenizer)
+    def __init__(self, stops: Sequence[str] = ()) -> None:
         self.stops = tuple(s for s in stops if s)
-        self.text = ""  # everything decoded so far (cut at a stop string)
+        self.text = ""  # everything so far (cut at a stop string)
         self.sent = 0  # characters of `text` already returned
         self.stopped = False
 
@@ -91,8 +92,30 @@ class TextStream:
         out, self.sent = self.text[self.sent : end], end
         return out
 
-    def push(self, token_ids: Sequence[int]) -> str:
-        return self._advance(self.decoder.push(token_ids), final=False)
+    def push(self, piece: str) -> str:
+        return self._advance(piece, final=False)
 
     def finish(self) -> str:
-        return self._advance(self.decoder.flush(), final=True)
+        return self._advance("", final=True)
+
+
+class TextStream:
+    """Token ids in, displayable text out: incremental decoding, then a StopFilter."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str] = ()) -> None:
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.filter = StopFilter(stops)
+
+    @property
+    def stopped(self) -> bool:
+        return self.filter.stopped
+
+    @property
+    def text(self) -> str:
+        return self.filter.text
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        return self.filter.push(self.decoder.push(token_ids))
+
+    def finish(self) -> str:
+        return self.filter._advance(self.decoder.flush(), final=True)
