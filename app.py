@@ -25,7 +25,7 @@ from pipeline.budgets import GiB, app_default_budgets, detect_hardware
 from pipeline.chat import ReplyStats
 from pipeline.errors import PipelineError
 from pipeline.params import GenerationParams
-from pipeline.presets import REPO_ROOT, list_presets, load_app_config, offload_root
+from pipeline.presets import REPO_ROOT, default_model, list_presets, load_app_config, offload_root
 from pipeline.preview import chat_display, chat_raw, error_html, plan_html
 from pipeline.quantization import QuantSettings
 from pipeline.remote import list_models
@@ -172,6 +172,11 @@ class ChatApp:
         self.limits = ClientLimits()
         self._sessions: dict[str, ChatSession] = {}
         self._sessions_lock = threading.Lock()
+
+    def settings_model(self) -> str:
+        """The model the panel starts with: the loaded one's preset, else the configured default."""
+        loaded = self.manager.settings
+        return loaded.model if loaded is not None and loaded.model in self.presets else default_model(self.config)
 
     def _session(self, request: gr.Request | None) -> ChatSession:
         key = getattr(request, "session_hash", None) or "default"
@@ -441,7 +446,7 @@ class ChatApp:
 
     def build_app(self) -> gr.Blocks:
         names = {p.display_name: name for name, p in self.presets.items()}
-        default_model = self.config.get("default_model", "demo")
+        default_model = self.settings_model()
         # No component takes files: uploads are capped at MAX_UPLOAD by launch() and whatever arrives is
         # deleted within the hour (an unauthenticated 50 MiB upload was stored and served back).
         with gr.Blocks(title="Offload Chat", delete_cache=(600, 3600)) as demo:
@@ -679,7 +684,7 @@ def _port(value: str) -> int:
 def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = None) -> argparse.Namespace:
     config = load_app_config() if config is None else config
     parser = argparse.ArgumentParser(description="Offload Chat: a browser chat for models bigger than your GPU.")
-    parser.add_argument("--model", default=config.get("default_model", "demo"),
+    parser.add_argument("--model", default=default_model(config),
                         help="preset, hub ID or local path loaded at start (default: %(default)s)")
     on_space = bool(os.environ.get("SPACE_ID"))
     parser.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1")

@@ -16,7 +16,7 @@ from .chat import ReplyStats, stream_chat
 from .errors import ConfigError, PipelineError
 from .loading import ENGINES, load_model, prepare, unload
 from .params import GenerationParams
-from .presets import QUANTIZATIONS, list_presets, load_app_config, offload_root, resolve_model
+from .presets import QUANTIZATIONS, default_model, list_presets, load_app_config, offload_root, resolve_model
 from .quantization import QuantSettings
 from .remote import connect
 from .session import ModelManager, Settings
@@ -27,7 +27,7 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
         prog="python -m pipeline",
         description="Plan a GPU/CPU/disk split for a causal LM, load it (optionally quantized) and chat with it.",
     )
-    parser.add_argument("--model", default=defaults.get("default_model", "demo"),
+    parser.add_argument("--model", default=default_model(defaults),
                         help="preset name, local checkpoint folder or hub ID (default: %(default)s)")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     remote = parser.add_argument_group("remote engine (instead of a local model)")

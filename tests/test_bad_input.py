@@ -232,6 +232,8 @@ def test_out_of_memory_during_load_keeps_the_previous_model(tiny_llama: Path, tm
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
+    if "--model" not in args:
+        args = ("--model", "demo", *args)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300,
                           env=env, cwd=REPO)
@@ -257,7 +259,7 @@ def test_bad_input_on_the_command_line(broken, args: list[str], message: str) ->
 
 def test_one_megabyte_line_in_the_interactive_cli() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "pipeline", "--max-new-tokens", "8"], input="x" * 1_000_000 + "\n",
+    result = subprocess.run([sys.executable, "-m", "pipeline", "--model", "demo", "--max-new-tokens", "8"], input="x" * 1_000_000 + "\n",
                             capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0  # the chat goes on after the error, and ends at end of input
     assert "error: messages[0] is 1,000,000 characters; the limit is 200,000" in result.stderr

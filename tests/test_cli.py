@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    if "--model" not in args and "--remote" not in args:
+        args = ("--model", "demo", *args)  # the bundled model unless a test names another
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
@@ -95,11 +97,11 @@ def test_a_signal_while_streaming_stops_cleanly(endless_model: Path, tmp_path: P
 
 def test_invalid_utf8_and_a_closed_stdin_are_no_tracebacks(demo_dir: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    bad = subprocess.run([sys.executable, "-m", "pipeline", "--max-new-tokens", "4"], input=b"\xff\xfe hello\n",
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "--model", "demo", "--max-new-tokens", "4"], input=b"\xff\xfe hello\n",
                          capture_output=True, timeout=300, env=env, cwd=REPO)
     assert bad.returncode == 0 and b"Traceback" not in bad.stderr, bad.stderr.decode(errors="replace")
     assert b"finished:" in bad.stdout  # the line was answered
-    closed = subprocess.run(["bash", "-c", f"{sys.executable} -m pipeline --max-new-tokens 4 0<&-"],
+    closed = subprocess.run(["bash", "-c", f"{sys.executable} -m pipeline --model demo --max-new-tokens 4 0<&-"],
                             capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
 
@@ -127,7 +129,7 @@ def test_serve_answers_the_openai_api_without_the_ui(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OFFLOAD_CHAT_API_KEY": "serve-key"}
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", "demo", "--port", str(port)],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="serve-key", max_retries=0, timeout=60)

@@ -30,7 +30,7 @@ def test_required_presets_shipped_and_demo_is_default() -> None:
     sources = {p.source for p in list_presets().values()}
     assert REQUIRED <= sources
     assert list_presets()["bloom-3b"].quantization == "int8"
-    assert load_app_config()["default_model"] == "demo"
+    assert load_app_config()["default_model"] == "smollm2-135m-instruct"
     assert resolve_model("demo").local_path == PRESET_DIR.parent.parent / "models" / "demo"
 
 
