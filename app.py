@@ -224,11 +224,24 @@ class ChatApp:
         """Re-plan without loading; always returns HTML (errors are shown in the picture, not raised)."""
         try:
             settings = self.make_settings(*values)
-            plan = self.manager.plan(settings)
-            return plan_html(plan, self.manager.resolve(settings).budgets.describe())
+            prepared = self.manager.prepare(settings)
+            speed = prepared.estimate.describe() if prepared.estimate else ""
+            return plan_html(prepared.plan, self.manager.resolve(settings).budgets.describe(), speed)
         except PipelineError as exc:
             title = "Does not fit" if "does not fit" in str(exc) or "needs" in str(exc) else "Cannot plan"
             return error_html(self.shown(exc), title)
+
+    def what_if_preview(self, gpu_gib: Any, *values: Any) -> str:
+        """"Plan for a GPU with N GiB": the plan and its predicted speed on hardware this machine does not
+        have (priced as a CUDA machine runs it); Apply still loads for this machine."""
+        try:
+            settings = self.make_settings(*values)
+            prepared = self.manager.prepare(settings, what_if_gpu_gib=gpu_gib)
+            speed = f"{prepared.estimate.describe()} ({prepared.estimate.source})" if prepared.estimate else ""
+            return plan_html(prepared.plan, f"GPU0 {float(gpu_gib):g} GiB (what-if) · CPU and disk as set", speed,
+                             what_if=f"a GPU with {float(gpu_gib):g} GiB")
+        except (PipelineError, TypeError, ValueError) as exc:
+            return error_html(self.shown(exc), "Cannot plan")
 
     def status_markdown(self) -> str:
         info = self.manager.describe()
@@ -505,6 +518,10 @@ class ChatApp:
                         disk = gr.Checkbox(bool(self.config.get("disk", True)), label="Disk offload", elem_id="disk")
                         offload_dir = gr.Textbox(self.offload_root, label="Offload folder", scale=3)
                     plan_view = gr.HTML(elem_id="plan-preview")
+                    with gr.Row():
+                        what_if_gib = gr.Number(None, label="…or plan for a GPU you don't have (GiB)", minimum=0,
+                                                maximum=4096, scale=3, elem_id="what-if-gib")
+                        what_if_button = gr.Button("Plan for it", scale=1, elem_id="what-if")
                     apply = gr.Button("Apply & reload model", variant="primary", elem_id="apply",
                                       interactive=self.access.open_to_all)
                     # Loading progress and a failed load's error are shown here, never over the plan or status.
@@ -604,6 +621,8 @@ class ChatApp:
             demo.load(lambda current: (self.status_markdown(), self.max_new_limit(current)), max_new, [status, max_new],
                       api_visibility="private", show_progress="hidden")
 
+            gr.on([what_if_button.click, what_if_gib.submit], self.what_if_preview, [what_if_gib, *settings_inputs],
+                  plan_view, api_visibility="private", show_progress="hidden")
             apply.click(self.apply_from_page, [operator, *settings_inputs], [load_box, status, plan_view],
                         api_visibility="private", concurrency_limit=1, concurrency_id="reload",
                         show_progress_on=load_box).then(self.max_new_limit, max_new, max_new, api_visibility="private",
@@ -653,13 +672,20 @@ class ChatApp:
             cpu_gib: CPU RAM budget in GiB.
             disk: whether layers may be offloaded to disk.
             quantization: "none", "int8", "nf4" or "fp4".
-            gpu_gib: comma-separated GPU budgets in GiB, one per GPU (empty: no GPU).
+            gpu_gib: comma-separated GPU budgets in GiB, one per GPU (empty: no GPU). One budget larger
+                than this machine's GPU (or on a machine without one) plans for a GPU of that size.
         """
         try:
             gpus = tuple(float(x) for x in gpu_gib.split(",") if x.strip()) if gpu_gib else ()
             settings = Settings(model=model, gpu_gib=gpus, cpu_gib=cpu_gib, disk=disk, offload_dir=self.offload_root,
                                 quant=QuantSettings(mode=quantization))
-            return self.manager.plan(settings).to_dict()
+            have = self.hardware.gpus
+            what_if = len(gpus) == 1 and (not have or gpus[0] * GiB > have[0].total)
+            prepared = self.manager.prepare(settings, what_if_gpu_gib=gpus[0] if what_if else None)
+            data = prepared.plan.to_dict()
+            data["estimate"] = prepared.estimate.to_dict() if prepared.estimate else None
+            data["what_if"] = what_if
+            return data
         except (PipelineError, ValueError) as exc:
             raise gr.Error(self.shown(exc), print_exception=False) from None
 

@@ -13,25 +13,26 @@ from . import logs
 
 logs.install()  # before bitsandbytes and accelerate are imported and start logging
 
-from .budgets import Budgets, Hardware, default_budgets, detect_hardware, make_budgets  # noqa: E402
-from .chat import Reply, ReplyStats, build_prompt, chat, stream_chat  # noqa: E402
-from .errors import (  # noqa: E402
-    ConfigError,
-    DoesNotFitError,
-    GenerationError,
-    LoadError,
-    ModelSourceError,
-    PipelineError,
-)
-from .loading import LoadedModel, Prepared, load_model, prepare, unload  # noqa: E402
-from .params import GenerationParams  # noqa: E402
-from .planning import Plan, plan_device_map  # noqa: E402
-from .presets import Preset, list_presets, resolve_model  # noqa: E402
-from .quantization import QuantSettings  # noqa: E402
+# The public names, imported on first use (PEP 562): `python -m pipeline --list-presets` and the plan
+# of a model do not pay for torch, transformers and gradio-side modules they never touch.
+_EXPORTS = {
+    "Budgets": "budgets", "Hardware": "budgets", "default_budgets": "budgets", "detect_hardware": "budgets",
+    "make_budgets": "budgets",
+    "Reply": "chat", "ReplyStats": "chat", "build_prompt": "chat", "chat": "chat", "stream_chat": "chat",
+    "ConfigError": "errors", "DoesNotFitError": "errors", "GenerationError": "errors", "LoadError": "errors",
+    "ModelSourceError": "errors", "PipelineError": "errors",
+    "LoadedModel": "loading", "Prepared": "loading", "load_model": "loading", "prepare": "loading", "unload": "loading",
+    "GenerationParams": "params",
+    "Plan": "planning", "plan_device_map": "planning",
+    "Preset": "presets", "list_presets": "presets", "resolve_model": "presets",
+    "QuantSettings": "quantization",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "Budgets", "ConfigError", "DoesNotFitError", "GenerationError", "GenerationParams", "Hardware", "LoadError",
-    "LoadedModel", "ModelSourceError", "PipelineError", "Plan", "Prepared", "Preset", "QuantSettings", "Reply", "ReplyStats",
-    "build_prompt", "chat", "default_budgets", "detect_hardware", "list_presets", "load_model", "make_budgets",
-    "plan_device_map", "prepare", "resolve_model", "stream_chat", "unload",
-]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

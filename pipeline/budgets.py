@@ -10,7 +10,7 @@ import logging
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +71,35 @@ def detect_hardware(offload_dir: str | Path = ".") -> Hardware:
     return Hardware(tuple(gpus), int(memory.total), int(memory.available), free_disk(Path(offload_dir)))
 
 
-def free_disk(path: Path) -> int:
-    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
-    path = path.expanduser().resolve()
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest existing parent."""
+    path = Path(path).expanduser().resolve()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return int(shutil.disk_usage(path).free)
+    return path
+
+
+WHAT_IF_NAME = "a GPU this machine does not have"
+WHAT_IF_MAX_GIB = 4096.0
+
+
+def what_if_hardware(hardware: Hardware, gpu_gib: Sequence[Any]) -> Hardware:
+    """This machine with the given GPUs instead of its own: for plans of hardware you don't have
+    (`--plan-only --gpu-memory 24` on a laptop). Each GPU's size is its budget."""
+    gpus = []
+    for i, value in enumerate(gpu_gib):
+        size = parse_gib(f"gpu_memory[{i}]", value, WHAT_IF_MAX_GIB, " for a GPU this machine does not have")
+        gpus.append(GPUInfo(i, WHAT_IF_NAME, size, size))
+    return replace(hardware, gpus=tuple(gpus))
+
+
+def is_what_if(hardware: Hardware) -> bool:
+    return any(g.name == WHAT_IF_NAME for g in hardware.gpus)
+
+
+def free_disk(path: Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
+    return int(shutil.disk_usage(nearest_existing(path)).free)
 
 
 @dataclass(frozen=True)

@@ -4,22 +4,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 
-from .api import API_KEY_ENV, ApiAccess, openai_routes
-from .budgets import GiB, app_default_budgets, detect_hardware, make_budgets
-from .chat import ReplyStats, stream_chat
 from .errors import ConfigError, PipelineError
-from .loading import ENGINES, load_model, prepare, unload
 from .params import GenerationParams
-from .presets import QUANTIZATIONS, default_model, list_presets, load_app_config, offload_root, resolve_model
-from .quantization import QuantSettings
-from .remote import connect
-from .session import ModelManager, Settings
+from .presets import ENGINES, QUANTIZATIONS, default_model, list_presets, load_app_config, offload_root, resolve_model
+
+# Heavier modules (torch, transformers, fastapi) are imported where they are used, so that
+# `--list-presets` answers at once.
+API_KEY_ENV = "OFFLOAD_CHAT_API_KEY"  # pipeline.api reads the same variable
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
@@ -87,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         add_serve_arguments(parser)
         argv = argv[1:]
     args = parser.parse_args(argv)
-    _quiet(args.verbose)
+    _quiet(args.verbose, libraries=not args.list_presets)
     # SIGTERM ends the CLI like Ctrl-C: through every `finally`, so the model is unloaded and its
     # offload folder removed (the default action killed the process and left the folder behind).
     signal.signal(signal.SIGTERM, _terminate)
@@ -119,6 +117,10 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
         for name, preset in list_presets().items():
             print(f"{name:28} {preset.source:40} {preset.quantization:5} {preset.display_name}")
         return 0
+    from .budgets import GiB, app_default_budgets, detect_hardware, make_budgets, what_if_hardware
+    from .loading import load_model, prepare, unload
+    from .quantization import QuantSettings
+
     if args.remote:
         return _run_remote(args)
     preset = resolve_model(args.model)
@@ -127,18 +129,33 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
     proposed = app_default_budgets(hardware, defaults, offload_dir)
     gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in proposed.gpu]
     cpu = args.cpu_memory if args.cpu_memory is not None else proposed.cpu / GiB
-    budgets = make_budgets(hardware, gpu, cpu, args.disk, offload_dir, args.disk_cap)
+    what_if = args.plan_only and args.gpu_memory is not None and _beyond(hardware, args.gpu_memory)
+    if what_if:  # "would this fit on a 24 GB card, and how fast?": plan for GPUs this machine lacks
+        hardware = what_if_hardware(hardware, args.gpu_memory)
+    try:
+        budgets = make_budgets(hardware, gpu, cpu, args.disk, offload_dir, args.disk_cap)
+    except ConfigError as exc:
+        if args.gpu_memory is not None and _beyond(hardware, args.gpu_memory):
+            raise ConfigError(f"{exc}; loading needs the real hardware (--plan-only plans for a GPU this machine "
+                              "does not have)") from None
+        raise
     quant = QuantSettings(
         mode=args.quant or preset.quantization,
         int8_threshold=args.int8_threshold,
         skip_modules=args.skip_modules if args.skip_modules is not None else preset.int8_skip_modules,
     )
-    prepared = prepare(preset, budgets, quant, args.offload)
+    prepared = prepare(preset, budgets, quant, args.offload, what_if=what_if)
     plan = prepared.plan
     if args.plan_only:
-        print(plan.to_json() if args.json else _plan_text(plan, prepared.engine))
+        if args.json:
+            data = plan.to_dict()
+            data["estimate"] = prepared.estimate.to_dict() if prepared.estimate else None
+            data["what_if"] = what_if
+            print(json.dumps(data, indent=2))
+        else:
+            print(_plan_text(plan, prepared.engine, prepared.estimate, what_if))
         return 0
-    print(_plan_text(plan, prepared.engine), flush=True)
+    print(_plan_text(plan, prepared.engine, prepared.estimate), flush=True)
     params = _params(args, preset.generation)
 
     interactive = sys.stderr.isatty()
@@ -152,6 +169,8 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
             shown["step"] = step
             print(f"[{fraction * 100:3.0f}%] {message[:100]}", file=sys.stderr, flush=True)
 
+    from .chat import stream_chat
+
     loaded = load_model(preset, budgets, progress=progress, allow_pickle=args.allow_pickle or None, prepared=prepared)
     if interactive:
         print(file=sys.stderr)
@@ -163,6 +182,8 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
 
 def _run_remote(args: argparse.Namespace) -> int:
     """Chat with a model on an OpenAI-compatible endpoint: the same loop, the same stats line."""
+    from .remote import connect
+
     if args.plan_only:
         raise ConfigError("--plan-only plans a local model; a remote engine places nothing on this machine")
     remote = connect(args.remote, args.remote_model or "", args.api_key or os.environ.get("REMOTE_API_KEY"))
@@ -201,6 +222,12 @@ def _serve(args: argparse.Namespace, defaults: dict) -> int:
     import uvicorn
     from fastapi import FastAPI
 
+    from .api import ApiAccess, openai_routes
+    from .budgets import GiB, app_default_budgets, detect_hardware
+    from .loading import unload
+    from .quantization import QuantSettings
+    from .session import ModelManager, Settings
+
     if args.remote:
         raise ConfigError("serve serves a local model; point clients at the remote engine itself")
     if not 1 <= args.port <= 65535:
@@ -220,7 +247,7 @@ def _serve(args: argparse.Namespace, defaults: dict) -> int:
         print(f"warning: serving on {args.host} without an API key: anyone who reaches this address can use it "
               f"(give --api-key or set {API_KEY_ENV})", file=sys.stderr)
     loaded = manager.load(settings)
-    print(_plan_text(loaded.plan, loaded.engine is not None), flush=True)
+    print(_plan_text(loaded.plan, loaded.engine is not None), flush=True)  # (serve: the plan only)
     app = FastAPI(title="Offload Chat API", routes=openai_routes(manager, ApiAccess(key)))
     print(f"serving {loaded.preset.name!r} on http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
     try:
@@ -232,6 +259,8 @@ def _serve(args: argparse.Namespace, defaults: dict) -> int:
 
 def _answer(stream, messages, params) -> tuple[str, bool]:
     """Stream one reply to stdout; returns its text and whether Ctrl-C stopped it."""
+    from .chat import ReplyStats
+
     stats = ReplyStats()
     cancel = threading.Event()
     parts = []
@@ -262,20 +291,37 @@ def _params(args: argparse.Namespace, base: GenerationParams) -> GenerationParam
     return base.replace(**{k: v for k, v in changes.items() if v is not None})
 
 
-def _plan_text(plan, engine: bool) -> str:
+def _beyond(hardware, gpu_gib: list) -> bool:
+    """GPU budgets this machine cannot hold: more GPUs than it has, or more memory than one of them."""
+    if len(gpu_gib) > len(hardware.gpus):
+        return True
+    try:
+        return any(float(v) * 2**30 > g.total for v, g in zip(gpu_gib, hardware.gpus))
+    except (TypeError, ValueError):
+        return False  # make_budgets names the bad value
+
+
+def _plan_text(plan, engine: bool, estimate=None, what_if: bool = False) -> str:
     offload = "offload engine" if engine else "accelerate hooks"
     lines = [f"plan: {plan.summary}",
              f"dtype: {str(plan.dtype).removeprefix('torch.')} · quantization: {plan.quantization}"
              + (f" · offloaded layers run with the {offload}" if plan.offloaded else "")]
+    if what_if:
+        lines.append("planned for: GPUs this machine does not have (a CUDA machine's pricing); loading needs the "
+                     "real hardware")
+    if estimate is not None:
+        lines.append(f"speed: {estimate.describe()} ({estimate.source})")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
-def _quiet(verbose: bool) -> None:
+def _quiet(verbose: bool, libraries: bool = True) -> None:
     if verbose:
         logging.basicConfig(level=logging.INFO)
         return
     logging.basicConfig(level=logging.WARNING)
+    if not libraries:  # nothing will load a model: do not pay for importing transformers
+        return
     try:
         from transformers.utils import logging as hf_logging
 

@@ -25,7 +25,7 @@ import torch
 from .budgets import Budgets, free_disk
 from .errors import ConfigError, DoesNotFitError, LoadError, ModelSourceError, PipelineError
 from .planning import MODEL_BUILD_LOCK, Plan, format_bytes, load_model_config, plan_device_map, resolve_dtype
-from .presets import Preset
+from .presets import ENGINES, Preset
 from .quantization import QuantSettings
 
 logger = logging.getLogger(__name__)
@@ -69,11 +69,12 @@ class Prepared:
     quant: QuantSettings
     config: Any  # the model's PretrainedConfig
     engine: bool = False  # run offloaded layers with the offload engine (else accelerate's hooks)
+    estimate: Any = None  # pipeline.speed.Estimate: predicted decode tokens/s and time to first token
+    what_if: bool = False  # planned for GPUs this machine does not have: it cannot be loaded here
 
 
 ENGINE_SLOTS = 2  # GPU slots of the offload engine: one layer computes while the next one arrives
 Engine = Literal["auto", "engine", "accelerate"]
-ENGINES: tuple[str, ...] = ("auto", "engine", "accelerate")
 
 
 def uses_engine(engine: str, budgets: Budgets) -> bool:
@@ -84,13 +85,18 @@ def uses_engine(engine: str, budgets: Budgets) -> bool:
 
 
 def prepare(
-    preset: Preset, budgets: Budgets, quant: QuantSettings | None = None, engine: Engine = "auto"
+    preset: Preset, budgets: Budgets, quant: QuantSettings | None = None, engine: Engine = "auto",
+    what_if: bool = False, estimate_speed: bool = True,
 ) -> Prepared:
-    """Plan a preset under budgets without loading anything but its config.json."""
+    """Plan a preset under budgets without loading anything but its config.json, with its predicted speed.
+
+    `what_if`: the budgets' GPUs are not this machine's; the plan is priced as a CUDA machine would run
+    it (offload engine, compressed transfer) and its speed predicted with assumed link speeds."""
     quant = quant or QuantSettings(mode=preset.quantization, skip_modules=preset.int8_skip_modules)
     config = load_model_config(preset)
     dtype = resolve_dtype(preset.dtype, config, budgets.has_gpu)
-    engine_on_gpu = uses_engine(engine, budgets) and budgets.has_gpu
+    use_engine = uses_engine(engine, budgets) or (what_if and engine != "accelerate")
+    engine_on_gpu = use_engine and budgets.has_gpu
     plan = plan_device_map(
         config,
         budgets,
@@ -102,7 +108,19 @@ def prepare(
         offload_slots=ENGINE_SLOTS if engine_on_gpu else 1,
         compressed_offload=engine_on_gpu and quant.enabled,
     )
-    return Prepared(plan, quant, config, uses_engine(engine, budgets))
+    predicted = None
+    if estimate_speed:
+        from .speed import estimate, machine_speeds, what_if_speeds
+
+        try:
+            import psutil
+
+            speeds = what_if_speeds(int(psutil.virtual_memory().available)) if what_if else \
+                machine_speeds(budgets.offload_dir)
+            predicted = estimate(plan, speeds, engine=use_engine)
+        except Exception:  # noqa: BLE001 - a prediction must never stop a plan
+            logger.warning("the speed prediction failed", exc_info=True)
+    return Prepared(plan, quant, config, use_engine, predicted, what_if)
 
 
 def load_model(
@@ -130,6 +148,8 @@ def load_model(
     started = time.perf_counter()
     report(0.0, f"Planning {preset.display_name}")
     prepared = prepared or prepare(preset, budgets, quant, engine)
+    if prepared.what_if:
+        raise ConfigError("this plan is for GPUs this machine does not have; loading needs the real hardware")
     plan, quant, config = prepared.plan, prepared.quant, prepared.config
     allow_pickle = preset.allow_pickle if allow_pickle is None else allow_pickle
     source = str(preset.local_path or preset.source)

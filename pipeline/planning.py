@@ -8,6 +8,7 @@ No CUDA calls, no weights read.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 import threading
@@ -367,12 +368,19 @@ def plan_device_map(
                 f"kept unquantized: {', '.join(unsupported[:4])}{' …' if len(unsupported) > 4 else ''} "
                 f"(bitsandbytes' CPU 4-bit kernel needs output sizes that are multiples of {CPU_4BIT_BLOCK_N})"
             )
-    full = compute_module_sizes(model, dtype=dtype)
+    full = _real_buffer_sizes(model, compute_module_sizes(model, dtype=dtype))
     special = special_dtypes(model, quant)
-    priced = compute_module_sizes(model, dtype=dtype, special_dtypes=special) if special else full
+    priced = _real_buffer_sizes(model, compute_module_sizes(model, dtype=dtype, special_dtypes=special)) if special else full
     tied = find_tied_parameters(model)
 
+    # Tensors held directly by the modules around the layer list go with the first module (_with_orphans):
+    # their bytes are taken from the first device's budget up front.
+    orphan_bytes = int(sum(full.get(name, 0) for name in _orphan_names(model)))
+
     def infer(max_memory: dict[Device, int], special_: dict | None) -> dict[str, Device]:
+        if orphan_bytes:
+            first = next(iter(max_memory))
+            max_memory = {**max_memory, first: max(0, max_memory[first] - orphan_bytes)}
         device_map = infer_auto_device_map(
             model,
             max_memory=max_memory,
@@ -381,7 +389,7 @@ def plan_device_map(
             special_dtypes=special_,
             clean_result=False,
         )
-        return _normalize(model, dict(device_map))
+        return _with_orphans(model, _normalize(model, dict(device_map)))
 
     gpu_memory = {i: b for i, b in enumerate(budgets.gpu) if b > 0}
     # The slots live on the last GPU with a budget: it runs the offloaded layers, which come after its own.
@@ -444,6 +452,7 @@ def plan_device_map(
                 "disk tier."
             )
 
+    sizes = {k: int(math.ceil(v)) for k, v in sizes.items()}  # 4-bit halves: whole bytes in the plan and its JSON
     bytes_per_device: dict[Device, int] = {}
     for key, device in device_map.items():
         bytes_per_device[device] = bytes_per_device.get(device, 0) + sizes[key]
@@ -525,6 +534,56 @@ def _refill_offloaded(
 
 def _is_top(key: str, device_map: dict[str, Device]) -> bool:
     return not any(key.startswith(other + ".") for other in device_map if other != key)
+
+
+def _real_buffer_sizes(model: nn.Module, sizes: dict[str, float]) -> dict[str, float]:
+    """accelerate prices a bool tensor at 1/8 byte per element (a bit); torch stores a byte. Correct the
+    sizes of bool buffers (gpt_bigcode's causal mask: 1024x1024 priced 128 KiB, stored in 1 MiB) and
+    of every module that holds them."""
+    sizes = dict(sizes)
+    for name, buffer in model.named_buffers():
+        if buffer.dtype != torch.bool:
+            continue
+        extra = buffer.numel() - buffer.numel() / 8
+        parts = name.split(".")
+        for i in range(len(parts) + 1):
+            key = ".".join(parts[:i])
+            if key in sizes:
+                sizes[key] += extra
+    return sizes
+
+
+def _orphan_names(model: nn.Module) -> list[str]:
+    """Parameters and buffers held directly by the modules that contain the layer list."""
+    layers = layer_list(model)
+    if layers is None:
+        return []
+    parts = layers[0].split(".")
+    names = []
+    for i in range(len(parts)):
+        prefix = ".".join(parts[:i])
+        module = model.get_submodule(prefix) if prefix else model
+        dot = prefix + "." if prefix else ""
+        names += [dot + n for n, _ in module.named_parameters(recurse=False)]
+        names += [dot + n for n, _ in module.named_buffers(recurse=False)]
+    return names
+
+
+def _with_orphans(model: nn.Module, device_map: dict[str, Device]) -> dict[str, Device]:
+    """Parameters and buffers held directly by a module whose children are mapped one by one (gpt_bigcode's
+    `transformer.bias` mask) are left out of accelerate's map when the model is split: put them with the
+    first module that runs, where the forward pass starts (in memory: a buffer such as a causal mask is
+    built at init, not read from the checkpoint, so it never goes to disk)."""
+    if not device_map:
+        return device_map
+    first = next((d for d in device_map.values() if d != "disk"), "cpu")
+    named = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    for name in named:
+        parts = name.split(".")
+        covered = any(".".join(parts[:i]) in device_map for i in range(len(parts) + 1))
+        if not covered:
+            device_map[name] = first
+    return device_map
 
 
 def _normalize(model: nn.Module, device_map: dict[str, Device]) -> dict[str, Device]:

@@ -26,6 +26,7 @@ PRESET_DIR = CONFIG_DIR / "models"
 Quantization = Literal["none", "int8", "nf4", "fp4"]
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "nf4", "fp4")
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+ENGINES: tuple[str, ...] = ("auto", "engine", "accelerate")  # how offloaded layers run (pipeline.loading)
 
 # owner/name as the hub accepts them: no "..", no leading dot or dash, no path separators beyond one.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")

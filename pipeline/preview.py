@@ -25,8 +25,8 @@ def _colour(device: int | str) -> str:
     return COLOURS[_tier(device)]
 
 
-def plan_html(plan: Plan, budgets_text: str = "") -> str:
-    """The bar, a legend with bytes per device, and the one-line summary."""
+def plan_html(plan: Plan, budgets_text: str = "", speed_text: str = "", what_if: str = "") -> str:
+    """The bar, a legend with bytes per device, the one-line summary and the predicted speed."""
     total = plan.total_bytes or 1
     segments = []
     for block in plan.blocks:
@@ -49,6 +49,12 @@ def plan_html(plan: Plan, budgets_text: str = "") -> str:
         )
     notes = "".join(f'<div style="opacity:.75;font-size:.85em">{escape(n)}</div>' for n in plan.notes)
     budgets = f'<div style="opacity:.75;font-size:.85em">Budgets: {escape(budgets_text)}</div>' if budgets_text else ""
+    if speed_text:
+        budgets = (f'<div class="plan-speed" style="font-size:.9em;margin-top:.2em">Predicted: {escape(speed_text)}'
+                   "</div>") + budgets
+    if what_if:
+        budgets = (f'<div class="plan-what-if" style="font-size:.9em;color:#92400e">Planned for {escape(what_if)}: '
+                   "loading needs the real hardware</div>") + budgets
     return (
         '<div class="plan-preview" data-fits="true">'
         f'<div style="font-weight:600;margin-bottom:.3em">{escape(plan.model)} · '

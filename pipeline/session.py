@@ -15,10 +15,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .budgets import Budgets, Hardware, detect_hardware, make_budgets
+from .budgets import Budgets, Hardware, detect_hardware, make_budgets, what_if_hardware
 from .chat import Message, ReplyStats, stream_chat, stream_completion
 from .errors import GenerationError, LoadError, PipelineError
-from .loading import LoadedModel, ProgressCallback, check_disk_space, load_model, prepare, unload
+from .loading import LoadedModel, Prepared, ProgressCallback, check_disk_space, load_model, prepare, unload
 from .params import GenerationParams
 from .planning import Plan, device_label, format_bytes
 from .presets import Preset, resolve_model
@@ -94,8 +94,17 @@ class ModelManager:
 
     def plan(self, settings: Settings) -> Plan:
         """Plan without loading (the live preview)."""
-        resolved = self.resolve(settings)
-        return prepare(resolved.preset, resolved.budgets, resolved.quant).plan
+        return self.prepare(settings).plan
+
+    def prepare(self, settings: Settings, what_if_gpu_gib: float | None = None) -> Prepared:
+        """The plan and its predicted speed, without loading; `what_if_gpu_gib`: for one GPU of that size
+        instead of this machine's GPUs (a plan that cannot be loaded here)."""
+        if what_if_gpu_gib is None:
+            resolved = self.resolve(settings)
+            return prepare(resolved.preset, resolved.budgets, resolved.quant)
+        hardware = what_if_hardware(self.hardware or detect_hardware(settings.offload_dir), [what_if_gpu_gib])
+        resolved = ModelManager(hardware, self.allowed_roots).resolve(replace(settings, gpu_gib=(what_if_gpu_gib,)))
+        return prepare(resolved.preset, resolved.budgets, resolved.quant, what_if=True)
 
     def load(self, settings: Settings, progress: ProgressCallback | None = None) -> LoadedModel:
         """Replace the current model by one loaded with `settings`.

@@ -27,6 +27,8 @@ ARCHITECTURES = {
     "gemma2": {**ATTN, "head_dim": 16, "sliding_window": 64},
     "phi3": {**ATTN, "pad_token_id": 0},
     "gpt2": dict(n_embd=64, n_layer=4, n_head=4, n_positions=256),
+    # a bool causal-mask buffer held by `transformer` itself: priced at its real size, kept in memory when split
+    "gpt_bigcode": dict(n_embd=64, n_layer=4, n_head=4, n_positions=256),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
     "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=64,
                 max_position_embeddings=256),

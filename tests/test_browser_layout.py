@@ -145,3 +145,14 @@ def test_a_failed_apply_says_the_previous_model_still_answers(browser, app_url: 
     assert status["y"] + status["height"] <= failure["y"] or failure["y"] + failure["height"] <= status["y"]
     assert "Placement" in page.inner_text("#status")  # the status is still there to read
     page.close()
+
+
+def test_a_plan_for_a_gpu_this_machine_does_not_have_with_its_predicted_speed(browser, app_url: str) -> None:
+    page = open_page(browser, app_url)
+    assert "Predicted: ≈" in page.inner_text("#plan-preview")  # this machine's plan has its speed too
+    page.locator("#what-if-gib input").fill("24")
+    page.click("#what-if")
+    page.wait_for_selector("#plan-preview >> text=Planned for a GPU with 24 GiB", timeout=30_000)
+    text = page.inner_text("#plan-preview")
+    assert "GPU0" in summary(page) and "Predicted: ≈" in text and "tokens/s" in text and "assumed" in text
+    page.close()

@@ -150,3 +150,26 @@ def test_serve_answers_the_openai_api_without_the_ui(tmp_path: Path) -> None:
         assert "serving 'demo' on http://127.0.0.1" in log.read_text()
     finally:
         proc.kill()
+
+
+def test_plan_only_for_a_gpu_this_machine_does_not_have_with_predicted_speed() -> None:
+    """`--plan-only --json --gpu-memory 24` on a machine without a GPU: a CUDA machine's plan, with its speed."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the what-if path is for GPUs a machine lacks")
+    result = run("--model", "smollm2-135m-instruct", "--plan-only", "--json", "--gpu-memory", "24")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["what_if"] is True and set(plan["bytes_per_device"]) == {"0"}
+    assert plan["dtype"] in ("bfloat16", "float16") and plan["estimate"]["decode_tokens_per_s"] > 0
+    assert "assumed" in plan["estimate"]["source"]
+    small = json.loads(run("--model", "smollm2-135m-instruct", "--plan-only", "--json", "--gpu-memory", "0.1",
+                           "--quant", "nf4").stdout)
+    assert small["compressed"] is True and small["bytes_per_device"]["cpu"] > 0  # engine pricing, as on CUDA
+    assert small["estimate"]["link_bytes_per_token"] == small["bytes_per_device"]["cpu"]
+    assert small["estimate"]["decode_tokens_per_s"] < plan["estimate"]["decode_tokens_per_s"]
+    text = run("--model", "demo", "--plan-only").stdout
+    assert "speed: ≈" in text and "tokens/s" in text and "measured on" in text  # this machine: measured
+    refused = run("--model", "demo", "--gpu-memory", "24", "--prompt", "hi")
+    assert refused.returncode == 2 and "loading needs the real hardware" in refused.stderr

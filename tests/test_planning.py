@@ -207,3 +207,34 @@ def test_with_two_gpus_the_engine_slots_go_on_the_gpu_that_runs_offloaded_layers
     assert engine.layers_per_device["cpu"] == (3, 4, 5, 6, 7)
     one = plan_device_map(tiny(layers=8), budgets(gpu=(LAYER + EMBED + 2 * LAYER,), cpu=10 * TOTAL), offload_slots=2)
     assert one.offload_device == "cuda:0" and not one.multi_gpu
+
+
+def test_buffers_are_priced_at_their_real_size_and_kept_when_split(tmp_path: Path) -> None:
+    """gpt_bigcode's causal mask (bool, positions^2 bytes) was priced at an eighth and left out of split plans."""
+    from transformers import GPTBigCodeConfig
+
+    config = GPTBigCodeConfig(n_embd=256, n_layer=4, n_head=4, n_positions=2048, vocab_size=1000, bos_token_id=0,
+                              eos_token_id=0)
+    mask = 2048 * 2048  # one byte per element
+    whole = plan_device_map(config, Budgets(gpu=(), cpu=10**8, disk=True, offload_dir=tmp_path), QuantSettings(),
+                            torch.float32)
+    weights = sum(p.numel() for p in empty_model(config, False, torch.float32).parameters()) * 4
+    assert whole.total_bytes == weights + mask
+    split = plan_device_map(config, Budgets(gpu=(), cpu=7 * 10**6, disk=True, offload_dir=tmp_path), QuantSettings(),
+                            torch.float32)
+    assert split.device_map["transformer.bias"] == "cpu"  # in memory (built at init, never read from disk)
+    assert split.total_bytes == whole.total_bytes and split.bytes_per_device["cpu"] <= 7 * 10**6
+
+
+def test_plan_json_has_whole_byte_counts(tmp_path: Path) -> None:
+    import json
+
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    plan = plan_device_map(config, Budgets(gpu=(), cpu=10**8, disk=True, offload_dir=tmp_path),
+                           QuantSettings(mode="nf4"), torch.float32)
+    data = json.loads(plan.to_json())
+    assert all(type(v) is int for v in data["bytes_per_device"].values())
+    assert all(type(b["bytes"]) is int for b in data["blocks"])
