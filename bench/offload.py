@@ -4,7 +4,8 @@ Builds random-weight checkpoints of real architectures from their published size
 does not depend on weight values), then loads each configuration through the product's own
 `load_model` and measures, per configuration: decode ms/token, time to first token with a
 512-token prompt, GPU peak memory, bytes over the host->GPU link per token, the effective GB/s
-and its share of the pinned-memory bandwidth measured at the start of the same run.
+and its share of the pinned-memory bandwidth measured at the start of the same run, beside the
+speed `pipeline.speed` predicted for the same plan before loading it.
 
 Usage (on a CUDA machine):
     python bench/offload.py --models bloom-3b --tokens 8 --out bench/results-DATE-MACHINE.json
@@ -51,6 +52,9 @@ class Row:
     link_bytes_per_token: int
     effective_gbps: float
     pct_of_pinned: float
+    predicted_ms_per_token: float = 0.0  # pipeline.speed's prediction for this plan, made before loading
+    predicted_ttft_512_ms: float = 0.0
+    predicted_bottleneck: str = ""
 
 
 def build_checkpoint(name: str, root: Path) -> Path:
@@ -132,7 +136,9 @@ def measure(model: str, path: Path, name: str, quant: str, tier: str, offload: s
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    loaded = load_model(preset, budgets, settings, engine=engine)
+    prepared = prepare(preset, budgets, settings, engine)
+    predicted = prepared.estimate
+    loaded = load_model(preset, budgets, settings, engine=engine, prepared=prepared)
     try:
         timed_generate(loaded, 16, 2)  # warm-up: kernels, allocator, the disk page cache
         ttft = timed_generate(loaded, 512, 1)
@@ -151,7 +157,10 @@ def measure(model: str, path: Path, name: str, quant: str, tier: str, offload: s
         gbps = link / per_token / 1e9 if per_token > 0 else 0.0
         return Row(model, name, quant, tier, offload, loaded.plan.summary, round(per_token * 1000, 1),
                    round(ttft * 1000, 1), round(peak, 2), int(link), round(gbps, 1),
-                   round(100 * gbps / pinned_gbps, 1))
+                   round(100 * gbps / pinned_gbps, 1),
+                   round(1000 / predicted.decode_tokens_per_s, 1) if predicted else 0.0,
+                   round(predicted.time_to_first_token_s * 1000, 1) if predicted else 0.0,
+                   predicted.bottleneck if predicted else "")
     finally:
         unload(loaded)
 
@@ -189,6 +198,10 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    from pipeline.speed import machine_speeds
+
+    speeds = machine_speeds("/tmp/bench-offload")  # measured before any model is loaded; used by prepare()
+    print(f"# speeds: {speeds.to_dict()}", flush=True)
     pinned = pinned_bandwidth()
     print(f"# {torch.cuda.get_device_name(0)} · pinned host->GPU {pinned:.1f} GB/s · torch {torch.__version__}",
           flush=True)
@@ -207,7 +220,9 @@ def main() -> None:
             rows.append(row)
             print(f"{model:10} {name:22} {row.decode_ms_per_token:8.1f} ms/tok  ttft512 {row.ttft_512_ms:8.1f} ms  "
                   f"peak {row.gpu_peak_gib:5.2f} GiB  link {row.link_bytes_per_token / 1e9:5.2f} GB/tok  "
-                  f"{row.effective_gbps:5.1f} GB/s ({row.pct_of_pinned:4.1f} %)  | {row.summary}", flush=True)
+                  f"{row.effective_gbps:5.1f} GB/s ({row.pct_of_pinned:4.1f} %)  | predicted "
+                  f"{row.predicted_ms_per_token:7.1f} ms/tok ({row.predicted_ms_per_token / row.decode_ms_per_token:4.2f}x) "
+                  f"ttft {row.predicted_ttft_512_ms:7.1f} ms [{row.predicted_bottleneck}] | {row.summary}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"pinned_gbps": pinned, "rows": [asdict(r) for r in rows]}, indent=1))
 

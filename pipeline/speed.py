@@ -35,6 +35,7 @@ from .planning import Plan, format_bytes
 logger = logging.getLogger(__name__)
 
 GB = 1e9
+SPEEDS_VERSION = 2  # part of the cache key: a change in what is measured measures again
 QUANT_KINDS = ("none", "int8", "4bit")
 
 
@@ -52,7 +53,9 @@ class Speeds:
     ram_copy: float = 10 * GB  # memory-to-memory copy (page cache -> pinned staging), all threads
     disk_read: float = 2 * GB  # the offload folder's cold sequential read
     gpu_rate: dict[str, float] = field(default_factory=lambda: {"none": 700 * GB, "int8": 150 * GB, "4bit": 250 * GB})
-    gpu_layer_s: float = 3e-4  # fixed cost of one decoder layer at batch 1 on the GPU (launches)
+    gpu_layer_s: dict[str, float] = field(default_factory=lambda: {"none": 3e-4, "int8": 1.5e-3, "4bit": 6e-4})
+    # ^ fixed cost of one decoder layer at batch 1 on the GPU (kernel launches; bitsandbytes adds its own)
+    hooks_rate: float = 5 * GB  # accelerate's hooks: one synchronous allocation and pageable copy per weight
     gpu_flops: float = 50e12
     cpu_rate: dict[str, float] = field(default_factory=lambda: {"none": 10 * GB, "int8": 2 * GB, "4bit": 1 * GB})
     cpu_layer_s: float = 2e-4
@@ -108,24 +111,29 @@ def estimate(plan: Plan, speeds: Speeds, engine: bool, prompt_tokens: int = 512,
     disk_rate = speeds.ram_copy if disk_cached else speeds.disk_read
     link, link_rate, link_bytes, cold_disk = "", 0.0, 0, 0 if disk_cached else disk_bytes
     if on_gpu:
-        resident = gpu_bytes / speeds.gpu_rate[kind] + n_gpu * speeds.gpu_layer_s
+        layer_s = speeds.gpu_layer_s if isinstance(speeds.gpu_layer_s, dict) else {k: speeds.gpu_layer_s for k in QUANT_KINDS}
+        resident = gpu_bytes / speeds.gpu_rate[kind] + n_gpu * layer_s[kind]
         offloaded = cpu_bytes + disk_bytes
         if not offloaded:
             per_token, bottleneck = resident, "GPU"
         elif engine:
             # compressed transfer keeps offloaded layers quantized; otherwise they are 16-bit like the plan prices them
-            compute = offloaded / speeds.gpu_rate[kind if plan.compressed else "none"] + (n_cpu + n_disk) * speeds.gpu_layer_s
-            copy = offloaded / speeds.h2d_pinned
-            staging = disk_bytes / disk_rate
-            per_token = resident + max(copy, compute, staging)
-            bottleneck = {copy: "PCIe", compute: "GPU", staging: "disk" if not disk_cached else "page cache"}[
-                max(copy, compute, staging)]
+            moved = kind if plan.compressed else "none"
+            compute = offloaded / speeds.gpu_rate[moved] + (n_cpu + n_disk) * layer_s[moved]
+            # Disk layers are staged (page cache or disk -> pinned) before their copy: the two add up
+            # (measured: the staging competes with the copy for memory bandwidth).
+            copy = offloaded / speeds.h2d_pinned + disk_bytes / disk_rate
+            per_token = resident + max(copy, compute)
+            bottleneck = "GPU" if compute >= copy else ("PCIe" if not disk_bytes else
+                                                        ("disk" if not disk_cached else "PCIe + page cache"))
             link, link_rate, link_bytes = "PCIe (pinned, offload engine)", speeds.h2d_pinned, offloaded
         else:
-            compute = offloaded / speeds.gpu_rate["none"] + (n_cpu + n_disk) * speeds.gpu_layer_s
-            copy = offloaded / speeds.h2d_pageable + disk_bytes / disk_rate
+            compute = offloaded / speeds.gpu_rate["none"] + (n_cpu + n_disk) * layer_s["none"]
+            # accelerate reads disk weights through safetensors on every forward, then moves them: the
+            # disk bytes go through the same per-weight path twice
+            copy = offloaded / speeds.hooks_rate + disk_bytes / min(disk_rate, speeds.hooks_rate)
             per_token, bottleneck = resident + copy + compute, "PCIe"
-            link, link_rate, link_bytes = "PCIe (pageable, accelerate hooks)", speeds.h2d_pageable, offloaded
+            link, link_rate, link_bytes = "PCIe (pageable, accelerate hooks)", speeds.hooks_rate, offloaded
         flops = speeds.gpu_flops
     else:
         compute = cpu_bytes / speeds.cpu_rate[kind] + disk_bytes / speeds.cpu_rate["none"] + (n_cpu + n_disk) * \
@@ -164,7 +172,7 @@ def machine_speeds(offload_dir: str | Path, cuda: bool | None = None) -> Speeds:
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     folder = nearest_existing(Path(offload_dir))
-    key = f"{platform.node()}|{torch.cuda.get_device_name(0) if cuda else 'cpu'}|fs{os.stat(folder).st_dev}"
+    key = f"v{SPEEDS_VERSION}|{platform.node()}|{torch.cuda.get_device_name(0) if cuda else 'cpu'}|fs{os.stat(folder).st_dev}"
     with _cache_lock:
         if key in _memory_cache:
             return _memory_cache[key]
@@ -320,21 +328,46 @@ def _gpu_rates() -> dict[str, Any]:
             logger.warning("GPU int8/4-bit rates not measured (%s); assumed", exc)
             rates.setdefault("int8", ASSUMED.gpu_rate["int8"])
             rates.setdefault("4bit", ASSUMED.gpu_rate["4bit"])
-        layer_s = _gpu_layer_overhead(dev)
+        layer_s = {kind: _gpu_layer_overhead(dev, kind) for kind in QUANT_KINDS}
+        hooks = _hooks_rate(dev)
         a = torch.randn(512, d, device=dev, dtype=torch.float16)
         flops = 2 * 512 * d * 4 * d / timed(lambda: a @ weight.T)
     return dict(h2d_pinned=h2d_pinned, h2d_pageable=h2d_pageable, gpu_rate=rates, gpu_layer_s=layer_s,
-                gpu_flops=flops)
+                gpu_flops=flops, hooks_rate=hooks)
 
 
-def _gpu_layer_overhead(dev) -> float:
-    """One decode step of a tiny Llama decoder layer: at that size its time is the fixed per-layer cost."""
+def _gpu_layer_overhead(dev, kind: str = "none") -> float:
+    """The fixed cost of one decoder layer at batch 1 (launches, and bitsandbytes' quantize/dequantize
+    steps): a decode step of a tiny Llama with 10 layers minus one with 2, over the 8 layers between
+    (the embedding, the final norm and the output layer cost the same in both)."""
+    return (_tiny_step(dev, kind, 10) - _tiny_step(dev, kind, 2)) / 8
+
+
+def _tiny_step(dev, kind: str, layers: int) -> float:
+    """Seconds of one decode step of a tiny Llama with `layers` layers, quantized as `kind`."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=4)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).to(dev).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    if kind != "none":
+        import bitsandbytes as bnb
+
+        for parent in list(model.modules()):
+            for child_name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear) or child.out_features == config.vocab_size:
+                    continue
+                if kind == "int8":
+                    new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                              has_fp16_weights=False, threshold=6.0)
+                    new.weight = bnb.nn.Int8Params(child.weight.data.float(), requires_grad=False, has_fp16_weights=False)
+                else:
+                    new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                            compute_dtype=torch.float16, quant_type="nf4")
+                    new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                setattr(parent, child_name, new)
+    model = model.to(dev)
     ids = torch.ones(1, 16, dtype=torch.long, device=dev)
     with torch.no_grad():
         out = model(ids, use_cache=True)
@@ -347,4 +380,26 @@ def _gpu_layer_overhead(dev) -> float:
             torch.cuda.synchronize()
 
         one()
-        return _best(one, repeat=5) / config.num_hidden_layers
+        return _best(one, repeat=7)
+
+
+def _hooks_rate(dev) -> float:
+    """Bytes/s of accelerate's per-forward weight moves: `set_module_tensor_to_device` from host memory for
+    every weight of a block, then back to meta, as its offload hooks do."""
+    import torch
+    from accelerate.utils import set_module_tensor_to_device
+
+    block = torch.nn.Sequential(*[torch.nn.Linear(2560, 10240, bias=False, dtype=torch.float16) for _ in range(4)])
+    weights = {name: p.detach().clone() for name, p in block.named_parameters()}
+    nbytes = sum(w.numel() * w.element_size() for w in weights.values())
+    block.to("meta")
+
+    def move() -> None:
+        for name, value in weights.items():
+            set_module_tensor_to_device(block, name, dev, value=value)
+        torch.cuda.synchronize()
+        for name in weights:
+            set_module_tensor_to_device(block, name, "meta")
+
+    move()
+    return nbytes / _best(move)
