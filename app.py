@@ -130,10 +130,11 @@ def model_messages(history: list[dict], system: str) -> list[dict[str, str]]:
         messages.append({"role": m["role"], "content": chat_raw(message_text(m.get("content")))})
     return messages
 
-def generation_params(max_new: Any, temperature: Any, top_p: Any, top_k: Any, penalty: Any, seed: Any) -> GenerationParams:
+def generation_params(max_new: Any, temperature: Any, top_p: Any, top_k: Any, penalty: Any, seed: Any,
+                      speculate: Any = "lookup") -> GenerationParams:
     seed = None if seed in (None, "", -1) or (isinstance(seed, float) and seed < 0) else seed
     return GenerationParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
-                            repetition_penalty=penalty, seed=seed)
+                            repetition_penalty=penalty, seed=seed, speculate=speculate or "lookup")
 
 def add_user_message(message: str, history: list[dict]) -> tuple[Any, Any]:
     if not message or not message.strip():
@@ -345,7 +346,7 @@ class ChatApp:
         return True, "Signed in as the operator: you can change the model."
 
     def respond(self, history: list[dict], system: str, max_new: Any, temperature: Any, top_p: Any, top_k: Any, penalty: Any,
-                seed: Any, request: gr.Request = None):
+                seed: Any, speculate: Any = "lookup", request: gr.Request = None):
         """Stream the assistant's reply into the chat, then its stats under it.
 
         The request comes before nothing variadic: Gradio fills a `gr.Request` parameter only then, and
@@ -359,7 +360,7 @@ class ChatApp:
         stats = ReplyStats()
         reply = ""
         try:
-            params = generation_params(max_new, temperature, top_p, top_k, penalty, seed)
+            params = generation_params(max_new, temperature, top_p, top_k, penalty, seed, speculate)
             with self.limits.slot(request):
                 for piece in self.manager.stream(model_messages(history[:-1], system), params, cancel=session.cancel,
                                             stats=stats):
@@ -397,7 +398,7 @@ class ChatApp:
         yield history
 
     def send_message(self, message: str, history: list[dict], system: str, max_new: Any, temperature: Any, top_p: Any,
-                     top_k: Any, penalty: Any, seed: Any, request: gr.Request = None):
+                     top_k: Any, penalty: Any, seed: Any, speculate: Any = "lookup", request: gr.Request = None):
         """Enter or Send: the message joins the chat, the box empties, and the reply streams in.
 
         One event for both triggers with trigger_mode="always_last": a message sent while this page's
@@ -408,7 +409,8 @@ class ChatApp:
             yield box, history
             return
         yield box, history
-        for update in self.respond(history, system, max_new, temperature, top_p, top_k, penalty, seed, request):
+        for update in self.respond(history, system, max_new, temperature, top_p, top_k, penalty, seed, speculate,
+                                   request):
             yield gr.skip(), update
 
     def stop(self, request: gr.Request = None) -> None:
@@ -429,7 +431,7 @@ class ChatApp:
 
     def api_chat(self, message: str, system: str = "", max_new_tokens: int = 256, temperature: float = 0.7,
                  top_p: float = 0.95, top_k: int = 50, repetition_penalty: float = 1.1, seed: int = -1,
-                 request: gr.Request = None) -> Iterator[str]:
+                 speculate: str = "lookup", request: gr.Request = None) -> Iterator[str]:
         """Answer one message with the loaded language model, streaming the growing reply text.
 
         Args:
@@ -441,6 +443,7 @@ class ChatApp:
             top_k: sample among the k most likely tokens; 0 turns it off.
             repetition_penalty: above 1 discourages repeating tokens.
             seed: random seed for reproducible sampling; -1 for a random one.
+            speculate: "lookup" (prompt-lookup speculation, the same output in fewer steps) or "off".
         """
         if not isinstance(message, str) or not isinstance(system, str):
             raise gr.Error("message and system must be text", print_exception=False)
@@ -448,7 +451,7 @@ class ChatApp:
             raise gr.Error("The message is empty: type something to send.", print_exception=False)
         text = ""
         try:
-            params = generation_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+            params = generation_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, speculate)
             with self.limits.slot(request):
                 for piece in self.manager.stream(model_messages([{"role": "user", "content": message}], system), params):
                     text += piece
@@ -490,6 +493,9 @@ class ChatApp:
                         top_k = gr.Slider(0, 200, value=gen.top_k, step=1, label="Top-k (0 = off)")
                         penalty = gr.Slider(0.8, 2, value=gen.repetition_penalty, step=0.01, label="Repetition penalty")
                         seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
+                        speculate = gr.Radio([("prompt lookup", "lookup"), ("off", "off")], value="lookup",
+                                             label="Speculation (the same reply in fewer steps when a chat runs "
+                                                   "alone)", elem_id="speculate")
                 with gr.Column(scale=2, min_width=360):
                     with gr.Group():
                         preset = gr.Dropdown(choices=[(label, name) for label, name in names.items()],
@@ -561,7 +567,7 @@ class ChatApp:
             op_button.click(self.sign_in, [op_user, op_password], [operator, op_result], api_name="sign_in",
                             api_visibility="undocumented").success(
                 role_view, operator, panel, api_visibility="private", show_progress="hidden")
-            gen_inputs = [max_new, temperature, top_p, top_k, penalty, seed]
+            gen_inputs = [max_new, temperature, top_p, top_k, penalty, seed, speculate]
 
             # Live preview. Sliders re-plan on every user change (dragging, arrow keys, a typed number):
             # always_last runs one preview at a time and then the newest.

@@ -48,6 +48,7 @@ class ReplyStats:
     time_to_first_token: float | None = None  # seconds from the call to the first new token
     seconds: float = 0.0  # whole reply, prompt processing included
     finish_reason: str = ""  # "eos", "length", "stop", "cancelled"
+    forwards: int = 0  # model forwards that produced the reply (fewer than tokens with speculation)
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,6 +60,8 @@ class ReplyStats:
             f"{self.new_tokens} tokens · {self.tokens_per_second:.1f} tokens/s · first token {ttft}"
             f" · prompt {self.prompt_tokens} tokens"
         )
+        if self.forwards and self.new_tokens:
+            text += f" · {self.new_tokens / self.forwards:.1f} tokens/step"
         if self.dropped_turns:
             text += f" · {self.dropped_turns} oldest turn(s) dropped to fit the context"
         return text
@@ -273,6 +276,8 @@ def _stream(loaded: LoadedModel, prompt: Prompt, params: GenerationParams, cance
         elif finished is not None:
             stats.finish_reason = finished.reason
             stats.new_tokens = finished.new_tokens
+        if finished is not None:
+            stats.forwards = finished.forwards
         else:
             stats.finish_reason = "cancelled"
 

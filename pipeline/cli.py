@@ -61,6 +61,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     gen.add_argument("--top-k", default=None)
     gen.add_argument("--repetition-penalty", default=None)
     gen.add_argument("--seed", default=None)
+    gen.add_argument("--speculate", choices=("off", "lookup", "draft"), default=None,
+                     help="prompt-lookup speculation when one chat decodes: the same reply in fewer steps "
+                          "(default: lookup; draft is not available yet)")
     parser.add_argument("--plan-only", action="store_true", help="print the plan and exit without loading weights")
     parser.add_argument("--json", action="store_true", help="with --plan-only: print the plan as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
@@ -287,6 +290,7 @@ def _params(args: argparse.Namespace, base: GenerationParams) -> GenerationParam
         "top_k": args.top_k,
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
+        "speculate": args.speculate,
     }
     return base.replace(**{k: v for k, v in changes.items() if v is not None})
 

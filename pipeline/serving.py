@@ -88,6 +88,7 @@ class Finished:
     time_to_first_token: float | None = None  # from submit to its first new token
     seconds: float = 0.0  # from submit to the end
     error: str = ""  # what failed, for reason "error"
+    forwards: int = 0  # forwards that produced its tokens (prefill included): tokens/forward > 1 with speculation
 
 
 class Handle:
@@ -148,6 +149,8 @@ class _Row:
     started: float = 0.0
     processors: Any = None
     generator: torch.Generator | None = None
+    forwards: int = 1  # the prefill produced the first token
+    spec_k: int = 4  # how many tokens prompt lookup proposes next (adapts to acceptance)
 
 
 @dataclass(frozen=True)
@@ -323,15 +326,19 @@ class Server:
         if joining:
             self._prefill(joining)
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> tuple:
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+                 keep: int = 1) -> tuple:
+        """Logits of the last position [batch, vocab] (of the last `keep` positions [batch, keep, vocab]
+        when keep > 1) and the cache."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, self._cache_arg: cache,
                                   "use_cache": True}
         if self._position_ids:
             kwargs["position_ids"] = positions
         if self._logits_to_keep:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = keep
         out = self.model(**kwargs)
-        return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)  # [batch, vocab]
+        logits = out.logits[:, -1, :] if keep == 1 else out.logits[:, -keep:, :]
+        return logits.float(), getattr(out, self._cache_arg)
 
     def _prefill(self, requests: list[_Request]) -> None:
         try:
@@ -384,6 +391,8 @@ class Server:
 
     def _decode_step(self) -> None:
         rows = self._rows
+        if len(rows) == 1 and self._speculative_step(rows[0]):
+            return
         ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # [batch, 1]
         positions = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
@@ -399,6 +408,7 @@ class Server:
         self.steps += 1
         for row in rows:
             row.length += 1
+            row.forwards += 1
         keep = self._sample_and_emit(rows, logits)
         if len(keep) == len(rows):
             return
@@ -414,6 +424,101 @@ class Server:
         if excess > 0:
             _crop_left(self._cache, excess)
             self._mask = self._mask[:, excess:]
+
+    def _speculative_step(self, row: _Row) -> bool:
+        """Prompt-lookup speculation for a chat decoding alone: propose the tokens that followed the latest
+        earlier occurrence of the conversation's last n-gram, verify them all in one forward, keep the
+        longest accepted prefix plus one token of the model's own, and drop the rest from the cache.
+
+        Acceptance is exact for greedy decoding (a proposal is kept when it is the model's choice) and
+        distribution-preserving for sampling: a proposal is a point mass, so it is kept with the model's
+        probability of it, and a rejection samples from the model's distribution without it (the
+        speculative-sampling rule). A batch of several chats takes plain steps: its forward already
+        carries every chat over the offloaded weights, and rows that accept different numbers of
+        tokens would leave the shared cache ragged. Returns False when no step was taken."""
+        params = row.request.params
+        if params.speculate != "lookup" or not self.batchable or row.request.handle.cancel_event.is_set():
+            return False
+        room = min(params.max_new_tokens - row.generated - 1, self.context_length - row.length - 2)
+        proposal = prompt_lookup(row.tokens, min(row.spec_k, room)) if room >= 1 else []
+        if not proposal:
+            return False
+        n = len(proposal)
+        ids = torch.tensor([[row.last, *proposal]], dtype=torch.long, device=self.device)
+        positions = torch.arange(row.length, row.length + n + 1, device=self.device).unsqueeze(0)
+        mask = torch.cat([self._mask, self._mask.new_ones((1, n + 1))], dim=1)
+        try:
+            logits, cache = self._forward(ids, mask, positions, self._cache, keep=n + 1)  # [1, n+1, vocab]
+            accepted, bonus = self._verify(row, proposal, logits[0])
+        except Exception as exc:  # noqa: BLE001 - this chat's forward or sampling failed
+            self._finish_row(row, "error", error=_describe(exc))
+            self._rows, self._cache, self._mask = [], None, None
+            return True
+        self.steps += 1
+        row.forwards += 1
+        row.spec_k = min(SPEC_MAX_K, row.spec_k + 2) if len(accepted) == n else max(1, row.spec_k - 1)
+        drop = n - len(accepted)  # rejected proposals: their cache entries go
+        if drop:
+            cache.crop(-drop)  # a negative count removes that many newest positions (transformers 4.x-5.x)
+            mask = mask[:, : mask.shape[1] - drop]
+        self._cache, self._mask = cache, mask
+        row.length += 1 + len(accepted)
+        now = time.perf_counter()
+        for token in [*accepted, bonus]:
+            if not self._emit(row, token, now):
+                self._rows, self._cache, self._mask = [], None, None
+                return True
+        return True
+
+    def _verify(self, row: _Row, proposal: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
+        """The accepted prefix of `proposal` and the token that follows it, from logits [n+1, vocab]."""
+        accepted: list[int] = []
+        for j, token in enumerate(proposal):
+            scores = self._scores(row, accepted, logits[j : j + 1])
+            if row.generator is None:  # greedy: keep the proposal only if it is the model's choice
+                choice = int(scores.argmax(dim=-1))
+                if choice != token:
+                    return accepted, choice
+            else:
+                probs = _probabilities(scores)[0]
+                if float(torch.rand((), generator=row.generator, device=probs.device)) >= float(probs[token]):
+                    residual = probs.clone()
+                    residual[token] = 0.0  # max(p - q, 0) for a point-mass proposal q
+                    if float(residual.sum()) <= 0:
+                        return accepted, token
+                    return accepted, int(torch.multinomial(residual / residual.sum(), 1, generator=row.generator))
+            accepted.append(token)
+        scores = self._scores(row, accepted, logits[len(proposal) : len(proposal) + 1])
+        if row.generator is None:
+            return accepted, int(scores.argmax(dim=-1))
+        return accepted, int(torch.multinomial(_probabilities(scores)[0], 1, generator=row.generator))
+
+    @staticmethod
+    def _scores(row: _Row, accepted: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if row.processors is None:
+            return logits
+        ids = torch.tensor([row.tokens + accepted], dtype=torch.long, device=logits.device)
+        return row.processors(ids, logits)
+
+    def _emit(self, row: _Row, token: int, now: float) -> bool:
+        """Hand one token to the row's client; False when the row has finished."""
+        handle = row.request.handle
+        if handle.cancel_event.is_set():
+            self._finish_row(row, "stop" if handle.stop_requested else "cancelled")
+            return False
+        row.generated += 1
+        row.tokens.append(token)
+        row.last = token
+        if row.first_token_at is None:
+            row.first_token_at = now
+        if token in self.eos:
+            self._finish_row(row, "eos")
+            return False
+        handle._queue.put([token])
+        if row.generated >= row.request.params.max_new_tokens or row.length + 1 > self.context_length:
+            self._finish_row(row, "length")
+            return False
+        return True
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Pick each row's next token, hand it to its client, and return the indices of rows that go on."""
@@ -437,20 +542,8 @@ class Server:
                 except Exception as exc:  # noqa: BLE001 - a sampling failure ends this request alone
                     self._finish_row(row, "error", error=_describe(exc))
                     continue
-            token = picked[i]
-            row.generated += 1
-            row.tokens.append(token)
-            row.last = token
-            if row.first_token_at is None:
-                row.first_token_at = now
-            if token in self.eos:
-                self._finish_row(row, "eos")
-                continue
-            handle._queue.put([token])
-            if row.generated >= row.request.params.max_new_tokens or row.length + 1 > self.context_length:
-                self._finish_row(row, "length")
-                continue
-            keep.append(i)
+            if self._emit(row, picked[i], now):
+                keep.append(i)
         return keep
 
     def _finish_row(self, row: _Row, reason: str, error: str = "") -> None:
@@ -458,7 +551,7 @@ class Server:
         now = time.perf_counter()
         ttft = row.first_token_at - request.submitted if row.first_token_at is not None else None
         self._deliver(request, Finished(reason, len(request.prompt), row.generated, row.started - request.submitted,
-                                        ttft, now - request.submitted, error))
+                                        ttft, now - request.submitted, error, row.forwards))
 
     def _finish_request(self, request: _Request, reason: str, error: str = "") -> None:
         now = time.perf_counter()
@@ -507,10 +600,38 @@ def _sample(row: _Row, logits: torch.Tensor) -> int:
     scores = row.processors(ids, logits)
     if row.generator is None:  # greedy with a repetition penalty
         return int(scores.argmax(dim=-1))
+    return int(torch.multinomial(_probabilities(scores), 1, generator=row.generator))
+
+
+def _probabilities(scores: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(scores, dim=-1)
     if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
         raise GenerationError("sampling failed: the probabilities are not finite (try a higher temperature)")
-    return int(torch.multinomial(probs, 1, generator=row.generator))
+    return probs
+
+
+SPEC_MAX_K = 16  # most tokens proposed at once
+NGRAM_MAX = 3  # prompt lookup matches the conversation's last 3, 2 or 1 tokens
+
+
+def prompt_lookup(tokens: list[int], k: int, ngram_max: int = NGRAM_MAX) -> list[int]:
+    """Up to `k` proposed next tokens: what followed the latest earlier occurrence of the longest
+    suffix n-gram of `tokens` (n = ngram_max .. 1), as transformers' prompt-lookup decoding proposes.
+    Vectorized with numpy: this runs before every step of a lone chat."""
+    import numpy as np
+
+    if k < 1 or len(tokens) < 2:
+        return []
+    array = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(ngram_max, len(tokens) - 1), 0, -1):
+        suffix = array[-n:]
+        windows = np.lib.stride_tricks.sliding_window_view(array[:-1], n)  # starts 0 .. len-1-n
+        hits = np.nonzero((windows == suffix).all(axis=1))[0]
+        for start in hits[::-1]:
+            follow = array[start + n : start + n + k]
+            if len(follow):
+                return follow.tolist()
+    return []
 
 
 def _describe(exc: BaseException) -> str:

@@ -70,8 +70,8 @@ class Page:
 
 def test_stop_cancels_that_pages_reply_only() -> None:
     mine, other = Page("page-a"), Page("page-b")
-    stream = CHAT.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, mine)
-    neighbour = CHAT.respond([{"role": "user", "content": "In the beginning"}], "", 60, 0, 0.9, 50, 1.0, -1, other)
+    stream = CHAT.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, request=mine)
+    neighbour = CHAT.respond([{"role": "user", "content": "In the beginning"}], "", 60, 0, 0.9, 50, 1.0, -1, request=other)
     next(stream), next(neighbour)
     CHAT.stop(mine)
     assert "stopped" in list(stream)[-1][-1]["metadata"]["title"]
@@ -91,14 +91,14 @@ def test_gradio_fills_the_request_of_every_chat_event() -> None:
 
 def test_clear_stops_the_reply_and_it_never_writes_into_the_cleared_chat() -> None:
     page = Page("page-c")
-    stream = CHAT.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, page)
+    stream = CHAT.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, request=page)
     next(stream)
     assert CHAT.clear_chat(page) == []
     assert list(stream) == [[]]  # only the empty chat: the stream would have put the conversation back
 
 
 def test_a_message_sent_joins_the_chat_and_is_answered() -> None:
-    updates = list(CHAT.send_message("And God said", [], "", *GEN, Page("page-d")))
+    updates = list(CHAT.send_message("And God said", [], "", *GEN, request=Page("page-d")))
     box, history = updates[0]
     assert box == "" and history == [{"role": "user", "content": "And God said"}]
     assert "tokens/s" in updates[-1][1][-1]["metadata"]["title"]
@@ -166,7 +166,7 @@ def test_shared_app_writes_offload_files_only_under_its_root(monkeypatch: pytest
 
 def test_closing_a_page_stops_its_reply_and_forgets_it() -> None:
     page = Page("page-1")
-    stream = CHAT.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, page)
+    stream = CHAT.respond([{"role": "user", "content": "And God said"}], "", 400, 0, 0.9, 50, 1.0, -1, request=page)
     next(stream)
     CHAT.forget_session(page)
     assert list(stream) == [[]] and "page-1" not in CHAT._sessions
@@ -198,3 +198,15 @@ def test_a_shared_app_started_elsewhere_keeps_local_paths_inside_its_model_roots
         with pytest.raises(ModelSourceError, match="outside the folders this shared app may load from"):
             resolve_model(spec, allowed_roots=shared.model_roots)
     assert resolve_model(str(REPO_ROOT / "models" / "demo"), allowed_roots=shared.model_roots).name == "demo"
+
+
+def test_the_speculation_control_reaches_the_worker_and_the_stats_show_tokens_per_step() -> None:
+    verse = "And God said, Let there be light: and there was light. "
+    history = [{"role": "user", "content": verse * 3 + "And God said,"}]
+    gen = (48, 0, 0.9, 50, 1.0, -1)
+    on = run(history, gen=(*gen, "lookup"))[-1]
+    off = run(history, gen=(*gen, "off"))[-1]
+    assert on[1]["content"] == off[1]["content"]  # the same greedy reply
+    steps = {name: float(r[-1]["metadata"]["title"].split(" tokens/step")[0].rsplit("· ", 1)[-1])
+             for name, r in (("on", on), ("off", off))}
+    assert steps["off"] == 1.0 and steps["on"] > 1.0, steps

@@ -173,3 +173,16 @@ def test_plan_only_for_a_gpu_this_machine_does_not_have_with_predicted_speed() -
     assert "speed: ≈" in text and "tokens/s" in text and "measured on" in text  # this machine: measured
     refused = run("--model", "demo", "--gpu-memory", "24", "--prompt", "hi")
     assert refused.returncode == 2 and "loading needs the real hardware" in refused.stderr
+
+
+def test_speculation_flag_and_the_tokens_per_step_stat() -> None:
+    prompt = "And God said, Let there be light: and there was light. " * 3 + "And God said,"
+    on = run("--prompt", prompt, "--max-new-tokens", "40", "--temperature", "0", "--repetition-penalty", "1")
+    off = run("--prompt", prompt, "--max-new-tokens", "40", "--temperature", "0", "--repetition-penalty", "1",
+              "--speculate", "off")
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    reply = lambda out: "\n".join(out.stdout.strip().splitlines()[3:-1])  # noqa: E731 - after plan, dtype, speed
+    assert reply(on) == reply(off)
+    assert "· 1.0 tokens/step" in off.stdout.splitlines()[-1] and "tokens/step" in on.stdout.splitlines()[-1]
+    draft = run("--prompt", "hi", "--speculate", "draft")
+    assert draft.returncode == 2 and "a draft model is not available yet" in draft.stderr
