@@ -276,10 +276,10 @@ def _stream(loaded: LoadedModel, prompt: Prompt, params: GenerationParams, cance
         elif finished is not None:
             stats.finish_reason = finished.reason
             stats.new_tokens = finished.new_tokens
-        if finished is not None:
-            stats.forwards = finished.forwards
         else:
             stats.finish_reason = "cancelled"
+        if finished is not None:
+            stats.forwards = finished.forwards
 
 
 def chat(

@@ -435,9 +435,14 @@ class Server:
         probability of it, and a rejection samples from the model's distribution without it (the
         speculative-sampling rule). A batch of several chats takes plain steps: its forward already
         carries every chat over the offloaded weights, and rows that accept different numbers of
-        tokens would leave the shared cache ragged. Returns False when no step was taken."""
+        tokens would leave the shared cache ragged. Seeded sampling decodes plainly too (its tokens must
+        not depend on what runs beside it). Returns False when no step was taken."""
         params = row.request.params
         if params.speculate != "lookup" or not self.batchable or row.request.handle.cancel_event.is_set():
+            return False
+        if row.generator is not None and params.seed is not None:
+            # A seeded sample is the same whatever runs beside it; speculation (only for a chat alone)
+            # would draw its random numbers differently, so seeded sampling decodes plainly.
             return False
         room = min(params.max_new_tokens - row.generated - 1, self.context_length - row.length - 2)
         proposal = prompt_lookup(row.tokens, min(row.spec_k, room)) if room >= 1 else []

@@ -57,7 +57,7 @@ def test_prompt_streams_a_reply_from_the_demo_model(demo_dir: Path) -> None:
         (["--cpu-memory", "-3", "--plan-only"], "error: cpu_memory='-3' is negative"),
         (["--cpu-memory", "nan", "--plan-only"], "error: cpu_memory='nan' is not a finite number"),
         (["--cpu-memory", "999999", "--plan-only"], "is more than this machine has"),
-        (["--gpu-memory", "4", "--plan-only"], "this machine has no CUDA GPU"),
+        (["--gpu-memory", "4", "--prompt", "hi"], "this machine has no CUDA GPU"),
         (["--model", "/no/such/folder", "--plan-only"], "error: model path '/no/such/folder' does not exist"),
         (["--cpu-memory", "0.0001", "--plan-only"], "which is off. Turn disk offload on"),
         (["--temperature", "-1", "--prompt", "hi"], "error: temperature='-1' is out of range"),
@@ -82,8 +82,8 @@ def test_a_signal_while_streaming_stops_cleanly(endless_model: Path, tmp_path: P
                              "0.001", "--disk", "--offload-dir", str(offload), "--prompt", "Hello",
                              "--max-new-tokens", "2000", "--temperature", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    proc.stdout.readline()  # the plan
-    proc.stdout.readline()
+    for _ in range(3):  # the plan, its dtype line and its predicted speed
+        proc.stdout.readline()
     assert proc.stdout.read(8)  # the reply is streaming
     assert any(offload.glob("*")), "the load made no offload folder"
     proc.send_signal(getattr(signal, signal_name))
