@@ -150,7 +150,7 @@ class _Row:
     processors: Any = None
     generator: torch.Generator | None = None
     forwards: int = 1  # the prefill produced the first token
-    spec_k: int = 4  # how many tokens prompt lookup proposes next (adapts to acceptance)
+    spec_k: int = 8  # how many tokens prompt lookup proposes next (adapts to acceptance)
 
 
 @dataclass(frozen=True)
