@@ -76,7 +76,8 @@ class ModelManager:
         self.settings: Settings | None = None
         self.status = "No model loaded."
         self.remote: RemoteModel | None = None  # set: replies come from this endpoint instead of a local model
-        self._remote_running = 0
+        self._remote_running = 0  # replies streaming from the remote engine now
+        self._count_lock = threading.Lock()
         self._swap = threading.Lock()  # held while the model is replaced; a reply starts before or after
 
     def resolve(self, settings: Settings) -> Resolved:
@@ -169,19 +170,21 @@ class ModelManager:
         stats: ReplyStats | None = None,
     ) -> Iterator[str]:
         """Stream a reply from the current model; a reload ends it with a GenerationError saying so."""
-        backend = self._serving()
-        if isinstance(backend, RemoteModel):
-            yield from self._counted(backend.stream(messages, params, cancel=cancel, stats=stats))
-        else:
-            yield from stream_chat(backend, messages, params, cancel=cancel, stats=stats)
+        yield from self._route("stream", stream_chat, messages, params, cancel, stats)
 
-    def _counted(self, pieces: Iterator[str]) -> Iterator[str]:
-        with self._swap:
+    def _route(self, remote_method: str, local: Any, payload: Any, params: GenerationParams,
+               cancel: threading.Event | None, stats: ReplyStats | None) -> Iterator[str]:
+        """The same request to a remote engine (counted, for the status line) or to the local model."""
+        backend = self._serving()
+        if not isinstance(backend, RemoteModel):
+            yield from local(backend, payload, params, cancel=cancel, stats=stats)
+            return
+        with self._count_lock:
             self._remote_running += 1
         try:
-            yield from pieces
+            yield from getattr(backend, remote_method)(payload, params, cancel=cancel, stats=stats)
         finally:
-            with self._swap:
+            with self._count_lock:
                 self._remote_running -= 1
 
     def served(self) -> Served | None:
@@ -204,11 +207,7 @@ class ModelManager:
         stats: ReplyStats | None = None,
     ) -> Iterator[str]:
         """Stream the continuation of a raw prompt (no chat template) from the current model."""
-        backend = self._serving()
-        if isinstance(backend, RemoteModel):
-            yield from self._counted(backend.stream_completion(prompt, params, cancel=cancel, stats=stats))
-        else:
-            yield from stream_completion(backend, prompt, params, cancel=cancel, stats=stats)
+        yield from self._route("stream_completion", stream_completion, prompt, params, cancel, stats)
 
     @property
     def loading(self) -> bool:
