@@ -95,11 +95,14 @@ def test_empty_message_shows_a_warning_not_an_error(page) -> None:
 
 def test_html_in_a_message_is_shown_as_text_never_run(page) -> None:
     attack = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script><b>bold?</b>'
+    stats = page.locator("#chatbot >> text=tokens/s").count()  # the page is shared with the tests above
     page.fill("#message textarea", attack)
     page.click("#send")
-    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length >= 2",
-                           timeout=60_000)
-    page.wait_for_selector("#status >> text=serving: idle", timeout=30_000)  # the reply is complete
+    page.wait_for_function("() => [...document.querySelectorAll('#chatbot [data-testid=\"user\"]')]"
+                           ".some(e => e.innerText.includes('bold?'))", timeout=60_000)  # this message is shown
+    page.wait_for_function(f"() => [...document.querySelectorAll('#chatbot *')].filter(e => e.children.length == 0 "
+                           f"&& e.innerText && e.innerText.includes('tokens/s')).length > {stats}",
+                           timeout=60_000)  # and its reply is complete
     assert page.evaluate("window.__xss") is None
     user_messages = page.locator('#chatbot [data-testid="user"]')
     shown = user_messages.nth(user_messages.count() - 1).inner_text()
