@@ -122,18 +122,22 @@ def test_the_acceptance_rule_keeps_the_model_distribution_on_a_tiny_vocabulary()
 
 
 def test_unseeded_sampling_speculates_and_seeded_sampling_stays_reproducible(models) -> None:  # noqa: F811
-    """End to end: a low temperature lets the tiny model fall into the loops that prompt lookup predicts.
-    A seeded request decodes plainly: the same tokens alone as beside other chats (test_serving)."""
+    """End to end: at the lowest temperature the tiny model falls into the loops that prompt lookup
+    predicts, and sampled proposals are accepted (unseeded, so up to 3 tries: a rule that rejected every
+    sampled proposal fails all three). A seeded request decodes plainly: the same tokens alone as beside
+    other chats (test_serving)."""
     loaded = models["llama"]
     server = Server(loaded, ServingLimits())
-    params = GenerationParams(temperature=0.1, top_k=4, top_p=1.0, max_new_tokens=160, repetition_penalty=1.0)
+    params = GenerationParams(temperature=0.01, top_k=4, top_p=1.0, max_new_tokens=160, repetition_penalty=1.0)
     try:
-        tokens, used = run(server, repetitive(loaded), params)
+        attempts = [run(server, repetitive(loaded), params) for _ in range(3)]
         seeded, seeded_used = run(server, repetitive(loaded), params.replace(seed=3))
         plain, _ = run(server, repetitive(loaded), params.replace(seed=3, speculate="off"))
     finally:
         server.close()
-    assert len(tokens) == 160 and used < len(tokens), f"no proposal was accepted while sampling ({used} forwards)"
+    assert all(len(tokens) == 160 for tokens, _ in attempts)
+    assert any(used < len(tokens) for tokens, used in attempts), \
+        f"no sampled proposal was accepted ({[used for _, used in attempts]} forwards for 160 tokens)"
     assert seeded == plain and seeded_used == len(seeded)
 
 
