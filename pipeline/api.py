@@ -176,13 +176,21 @@ def _parse(body: dict, manager: ModelManager, chat: bool) -> Completion:
     elif not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"stop={stop!r} is invalid; accepted: a non-empty string or a list of at most {MAX_STOPS}",
                        param="stop")
+    # Fields a request leaves out take the loaded preset's sampling (as vLLM and transformers serve take
+    # the model's generation config); OpenAI's own defaults (temperature 1, top_p 1) for a remote engine.
+    base = served.defaults or GenerationParams(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+
+    def given(name: str, default: Any) -> Any:
+        value = body.get(name)
+        return default if value is None else value
+
     try:
         params = GenerationParams(
             max_new_tokens=max_tokens,
-            temperature=body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0,
-            top_p=body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0,
-            top_k=body.get("top_k", 0) if body.get("top_k") is not None else 0,
-            repetition_penalty=body.get("repetition_penalty", 1.0) if body.get("repetition_penalty") is not None else 1.0,
+            temperature=given("temperature", base.temperature),
+            top_p=given("top_p", base.top_p),
+            top_k=given("top_k", base.top_k),
+            repetition_penalty=given("repetition_penalty", base.repetition_penalty),
             seed=body.get("seed"),
             stop=tuple(stop),
         )

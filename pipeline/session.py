@@ -41,6 +41,7 @@ class Served:
     context_length: int | None  # None: a remote engine's, unknown here
     default_max_tokens: int
     remote: str | None = None  # the endpoint's URL for a remote engine
+    defaults: GenerationParams | None = None  # sampling for fields a request leaves out (the preset's)
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,8 @@ class ModelManager:
             return None
         preset = loaded.preset
         return Served(preset.name, (preset.name, preset.display_name, preset.source), loaded.context_length,
-                      max(1, min(preset.generation.max_new_tokens, loaded.context_length // 2)))
+                      max(1, min(preset.generation.max_new_tokens, loaded.context_length // 2)),
+                      defaults=preset.generation)
 
     def stream_completion(
         self,

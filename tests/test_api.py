@@ -291,3 +291,27 @@ def test_a_key_is_required_when_set_and_the_api_is_refused_when_disabled(api) ->
     refused = make(ApiAccess(refusal="this app is shared, so its API needs a key"))
     response = refused.get("/v1/models", headers={"Authorization": "Bearer anything"})
     assert response.status_code == 403 and "needs a key" in response.json()["error"]["message"]
+
+
+def test_fields_left_out_take_the_presets_sampling(api, tmp_path: Path) -> None:
+    """As vLLM and transformers serve use the model's generation config: the loaded preset's sampling
+    (the default model's is greedy), not OpenAI's temperature 1, unless the request says otherwise."""
+    from pipeline.presets import resolve_model
+    from pipeline.session import Settings
+
+    manager, make = api
+    manager.load(Settings(model="demo", cpu_gib=1, offload_dir=str(tmp_path)))
+    seen = []
+
+    def spy(messages, params, **kwargs):
+        seen.append(params)
+        yield "ok"
+
+    manager.stream = spy
+    client = make()
+    assert client.post("/v1/chat/completions", json={"model": "demo", "messages": USER}).status_code == 200
+    preset = resolve_model("demo").generation
+    assert (seen[-1].temperature, seen[-1].top_p, seen[-1].repetition_penalty) == (
+        preset.temperature, preset.top_p, preset.repetition_penalty)
+    client.post("/v1/chat/completions", json={"model": "demo", "messages": USER, "temperature": 0, "top_p": 0.5})
+    assert (seen[-1].temperature, seen[-1].top_p) == (0, 0.5)
