@@ -19,9 +19,9 @@ from typing import Any
 
 import gradio as gr
 
-from pipeline.access import Access, parse_credentials
-from pipeline.api import API_KEY_ENV, ApiAccess, openai_routes
-from pipeline.budgets import GiB, app_default_budgets, detect_hardware
+from pipeline.access import API_KEY_ENV, Access, parse_credentials
+from pipeline.api import ApiAccess, openai_routes
+from pipeline.budgets import GiB, app_default_budgets, beyond_hardware, detect_hardware
 from pipeline.chat import ReplyStats
 from pipeline.errors import PipelineError
 from pipeline.params import GenerationParams
@@ -685,8 +685,7 @@ class ChatApp:
             gpus = tuple(float(x) for x in gpu_gib.split(",") if x.strip()) if gpu_gib else ()
             settings = Settings(model=model, gpu_gib=gpus, cpu_gib=cpu_gib, disk=disk, offload_dir=self.offload_root,
                                 quant=QuantSettings(mode=quantization))
-            have = self.hardware.gpus
-            what_if = len(gpus) == 1 and (not have or gpus[0] * GiB > have[0].total)
+            what_if = len(gpus) == 1 and beyond_hardware(self.hardware, gpus)
             prepared = self.manager.prepare(settings, what_if_gpu_gib=gpus[0] if what_if else None)
             data = prepared.plan.to_dict()
             data["estimate"] = prepared.estimate.to_dict() if prepared.estimate else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,15 +26,7 @@ from pipeline.budgets import Budgets  # noqa: E402
 from pipeline.engine import READ_THREADS, OffloadedLayer, _accelerate_sources, _layout  # noqa: E402
 from pipeline.loading import load_model, unload  # noqa: E402
 from pipeline.presets import resolve_model  # noqa: E402
-
-
-def best_of(fn, repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from pipeline.speed import best_time  # noqa: E402
 
 
 def main() -> None:
@@ -73,9 +64,9 @@ def main() -> None:
     direct_sources = _accelerate_sources(layer_module, {})
     pool = ThreadPoolExecutor(READ_THREADS)
     rows = [
-        ("accelerate weights_map", best_of(lambda: layer_with(accelerate_sources).fill(buffer))),
-        ("safetensors map, 1 thread", best_of(lambda: layer_with(direct_sources).fill(buffer))),
-        (f"safetensors map, {READ_THREADS} threads", best_of(lambda: layer_with(direct_sources).fill(buffer, pool))),
+        ("accelerate weights_map", best_time(lambda: layer_with(accelerate_sources).fill(buffer), 5)),
+        ("safetensors map, 1 thread", best_time(lambda: layer_with(direct_sources).fill(buffer), 5)),
+        (f"safetensors map, {READ_THREADS} threads", best_time(lambda: layer_with(direct_sources).fill(buffer, pool), 5)),
     ]
     pool.shutdown()
     print(f"# layer of hidden {args.hidden}: {nbytes / 1e6:.1f} MB fp16 · torch {torch.__version__} · "

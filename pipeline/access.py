@@ -19,6 +19,7 @@ from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+API_KEY_ENV = "OFFLOAD_CHAT_API_KEY"  # the OpenAI-compatible API's key, when no --api-key is given
 MAX_FAILURES = 5  # failed sign-ins per window, for the whole app, before it pauses sign-ins
 WINDOW_SECONDS = 60.0
 

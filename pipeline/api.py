@@ -34,7 +34,6 @@ from .session import ModelManager
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "OFFLOAD_CHAT_API_KEY"
 MAX_STOPS = 16
 # OpenAI's names for GenerationParams' fields, so that an error names the field the client sent.
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
@@ -120,19 +119,16 @@ def openai_routes(manager: ModelManager, access: ApiAccess) -> list[BaseRoute]:
             card["context_length"] = served.context_length
         return JSONResponse({"object": "list", "data": [card] if card else []})
 
-    async def chat_completions(request: Request) -> Any:
-        body = await _json_body(request)
-        request_ = _parse(body, manager, chat=True)
-        return await _answer(manager, request_, chat=True)
+    def generation(chat: bool) -> Callable:
+        async def handler(request: Request) -> Any:
+            return await _answer(manager, _parse(await _json_body(request), manager, chat=chat), chat=chat)
 
-    async def completions(request: Request) -> Any:
-        body = await _json_body(request)
-        request_ = _parse(body, manager, chat=False)
-        return await _answer(manager, request_, chat=False)
+        handler.__name__ = "chat_completions" if chat else "completions"
+        return handler
 
     router.add_api_route("/models", guarded(models), methods=["GET"])
-    router.add_api_route("/chat/completions", guarded(chat_completions), methods=["POST"])
-    router.add_api_route("/completions", guarded(completions), methods=["POST"])
+    router.add_api_route("/chat/completions", guarded(generation(chat=True)), methods=["POST"])
+    router.add_api_route("/completions", guarded(generation(chat=False)), methods=["POST"])
     return list(router.routes)
 
 

@@ -93,6 +93,16 @@ def what_if_hardware(hardware: Hardware, gpu_gib: Sequence[Any]) -> Hardware:
     return replace(hardware, gpus=tuple(gpus))
 
 
+def beyond_hardware(hardware: Hardware, gpu_gib: Sequence[Any]) -> bool:
+    """GPU budgets this machine cannot hold: more GPUs than it has, or more memory than one of them."""
+    if len(gpu_gib) > len(hardware.gpus):
+        return True
+    try:
+        return any(float(v) * GiB > g.total for v, g in zip(gpu_gib, hardware.gpus))
+    except (TypeError, ValueError):
+        return False  # make_budgets names the bad value
+
+
 def is_what_if(hardware: Hardware) -> bool:
     return any(g.name == WHAT_IF_NAME for g in hardware.gpus)
 

@@ -88,6 +88,17 @@ def strip_control(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
+def _check_text(text: str, name: str) -> None:
+    """Refuse text no context holds, or that is not valid Unicode (a lone UTF-16 surrogate)."""
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise ConfigError(f"{name} is {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{name} has an invalid character at position {exc.start} (a lone UTF-16 surrogate); "
+                          "send UTF-8 text") from None
+
+
 def validate_messages(messages: Sequence[Message]) -> list[Message]:
     """Check roles and contents; the last message must be the user's."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
@@ -96,15 +107,7 @@ def validate_messages(messages: Sequence[Message]) -> list[Message]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ConfigError(f"messages[{i}]={m!r}: expected {{'role': one of {list(ROLES)}, 'content': str}}")
-        if len(m["content"]) > MAX_MESSAGE_CHARS:
-            raise ConfigError(
-                f"messages[{i}] is {len(m['content']):,} characters; the limit is {MAX_MESSAGE_CHARS:,}"
-            )
-        try:
-            m["content"].encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ConfigError(f"messages[{i}] has an invalid character at position {exc.start} (a lone UTF-16 "
-                              "surrogate); send UTF-8 text") from None
+        _check_text(m["content"], f"messages[{i}]")
         clean.append({"role": m["role"], "content": strip_control(m["content"])})
     if clean[-1]["role"] != "user":
         raise ConfigError(f"the last message must be the user's, got role {clean[-1]['role']!r}")
@@ -229,13 +232,7 @@ def stream_completion(
     started = time.perf_counter()
     if not isinstance(text, str) or not text:
         raise ConfigError("the prompt is empty; give some text to continue")
-    if len(text) > MAX_MESSAGE_CHARS:
-        raise ConfigError(f"the prompt is {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ConfigError(f"the prompt has an invalid character at position {exc.start} (a lone UTF-16 surrogate); "
-                          "send UTF-8 text") from None
+    _check_text(text, "the prompt")
     ids = list(loaded.tokenizer(strip_control(text)).input_ids)
     room = loaded.context_length - params.max_new_tokens
     if len(ids) > room:

@@ -13,11 +13,11 @@ import threading
 
 from .errors import ConfigError, PipelineError
 from .params import GenerationParams
+from .access import API_KEY_ENV
 from .presets import ENGINES, QUANTIZATIONS, default_model, list_presets, load_app_config, offload_root, resolve_model
 
 # Heavier modules (torch, transformers, fastapi) are imported where they are used, so that
 # `--list-presets` answers at once.
-API_KEY_ENV = "OFFLOAD_CHAT_API_KEY"  # pipeline.api reads the same variable
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
@@ -120,25 +120,21 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
         for name, preset in list_presets().items():
             print(f"{name:28} {preset.source:40} {preset.quantization:5} {preset.display_name}")
         return 0
-    from .budgets import GiB, app_default_budgets, detect_hardware, make_budgets, what_if_hardware
+    from .budgets import beyond_hardware, make_budgets, what_if_hardware
     from .loading import load_model, prepare, unload
     from .quantization import QuantSettings
 
     if args.remote:
         return _run_remote(args)
     preset = resolve_model(args.model)
-    offload_dir = offload_root(args.offload_dir, defaults)
-    hardware = detect_hardware(offload_dir)
-    proposed = app_default_budgets(hardware, defaults, offload_dir)
-    gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in proposed.gpu]
-    cpu = args.cpu_memory if args.cpu_memory is not None else proposed.cpu / GiB
-    what_if = args.plan_only and args.gpu_memory is not None and _beyond(hardware, args.gpu_memory)
+    offload_dir, hardware, gpu, cpu = _machine_and_budgets(args, defaults)
+    what_if = args.plan_only and args.gpu_memory is not None and beyond_hardware(hardware, args.gpu_memory)
     if what_if:  # "would this fit on a 24 GB card, and how fast?": plan for GPUs this machine lacks
         hardware = what_if_hardware(hardware, args.gpu_memory)
     try:
         budgets = make_budgets(hardware, gpu, cpu, args.disk, offload_dir, args.disk_cap)
     except ConfigError as exc:
-        if args.gpu_memory is not None and _beyond(hardware, args.gpu_memory):
+        if args.gpu_memory is not None and beyond_hardware(hardware, args.gpu_memory):
             raise ConfigError(f"{exc}; loading needs the real hardware (--plan-only plans for a GPU this machine "
                               "does not have)") from None
         raise
@@ -181,6 +177,19 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
         return _chat(lambda messages, p, **kw: stream_chat(loaded, messages, p, **kw), args, params)
     finally:
         unload(loaded)
+
+
+def _machine_and_budgets(args: argparse.Namespace, defaults: dict) -> tuple:
+    """The offload folder, this machine's hardware, and the GPU and CPU budgets in GiB (the flags', or
+    the proposed defaults of configs/app.yaml)."""
+    from .budgets import GiB, app_default_budgets, detect_hardware
+
+    offload_dir = offload_root(args.offload_dir, defaults)
+    hardware = detect_hardware(offload_dir)
+    proposed = app_default_budgets(hardware, defaults, offload_dir)
+    gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in proposed.gpu]
+    cpu = args.cpu_memory if args.cpu_memory is not None else proposed.cpu / GiB
+    return offload_dir, hardware, gpu, cpu
 
 
 def _run_remote(args: argparse.Namespace) -> int:
@@ -226,7 +235,6 @@ def _serve(args: argparse.Namespace, defaults: dict) -> int:
     from fastapi import FastAPI
 
     from .api import ApiAccess, openai_routes
-    from .budgets import GiB, app_default_budgets, detect_hardware
     from .loading import unload
     from .quantization import QuantSettings
     from .session import ModelManager, Settings
@@ -235,11 +243,7 @@ def _serve(args: argparse.Namespace, defaults: dict) -> int:
         raise ConfigError("serve serves a local model; point clients at the remote engine itself")
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not a port; accepted: an integer from 1 to 65535")
-    offload_dir = offload_root(args.offload_dir, defaults)
-    hardware = detect_hardware(offload_dir)
-    proposed = app_default_budgets(hardware, defaults, offload_dir)
-    gpu = args.gpu_memory if args.gpu_memory is not None else [b / GiB for b in proposed.gpu]
-    cpu = args.cpu_memory if args.cpu_memory is not None else proposed.cpu / GiB
+    offload_dir, hardware, gpu, cpu = _machine_and_budgets(args, defaults)
     quant = QuantSettings(mode=args.quant or "none", int8_threshold=args.int8_threshold,
                           skip_modules=args.skip_modules if args.skip_modules is not None else "lm_head")
     settings = Settings(model=args.model, gpu_gib=tuple(gpu), cpu_gib=cpu, disk=args.disk, offload_dir=str(offload_dir),
@@ -293,16 +297,6 @@ def _params(args: argparse.Namespace, base: GenerationParams) -> GenerationParam
         "speculate": args.speculate,
     }
     return base.replace(**{k: v for k, v in changes.items() if v is not None})
-
-
-def _beyond(hardware, gpu_gib: list) -> bool:
-    """GPU budgets this machine cannot hold: more GPUs than it has, or more memory than one of them."""
-    if len(gpu_gib) > len(hardware.gpus):
-        return True
-    try:
-        return any(float(v) * 2**30 > g.total for v, g in zip(gpu_gib, hardware.gpus))
-    except (TypeError, ValueError):
-        return False  # make_budgets names the bad value
 
 
 def _plan_text(plan, engine: bool, estimate=None, what_if: bool = False) -> str:

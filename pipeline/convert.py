@@ -143,9 +143,8 @@ def _convert(path: Path, target: Path) -> None:
             # float32: transformers' fastest GGUF path; the state dict holds plain dequantized tensors.
             loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
             config = loaded.config
-            config.quantization_config = None
             if hasattr(config, "quantization_config"):
-                del config.quantization_config
+                del config.quantization_config  # the saved checkpoint is plain bf16
             config.dtype = torch.bfloat16
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         state = {k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()}

@@ -245,10 +245,7 @@ def _loader_map(plan: Plan, engine: bool, preset: Preset, allow_pickle: bool) ->
     device_map = dict(plan.device_map)
     if not (engine and plan.compute_device.startswith("cuda") and plan.layer_prefix):
         return device_map
-    safetensors_only = not allow_pickle or (
-        preset.local_path is not None and any(preset.local_path.glob("*.safetensors"))
-    )
-    if not safetensors_only:
+    if _pickle_checkpoint(preset, allow_pickle):
         return device_map  # pickle checkpoints would be re-saved to the offload folder in full: load them to RAM
     for key, device in device_map.items():
         if device == "cpu" and _is_layer_key(key, plan.layer_prefix):
@@ -331,8 +328,12 @@ def offload_bytes_written(prepared: Prepared, preset: Preset, allow_pickle: bool
     if not on_disk:
         return 0
     allow_pickle = preset.allow_pickle if allow_pickle is None else allow_pickle
-    pickle = allow_pickle and not (preset.local_path is not None and any(preset.local_path.glob("*.safetensors")))
-    return on_disk if pickle or (prepared.engine and prepared.plan.compressed) else 0
+    return on_disk if _pickle_checkpoint(preset, allow_pickle) or (prepared.engine and prepared.plan.compressed) else 0
+
+
+def _pickle_checkpoint(preset: Preset, allow_pickle: bool) -> bool:
+    """Whether transformers will read .bin/.pt (pickle) files: allowed, and no safetensors at hand."""
+    return allow_pickle and not (preset.local_path is not None and any(preset.local_path.glob("*.safetensors")))
 
 
 def check_disk_space(prepared: Prepared, preset: Preset, budgets: Budgets, allow_pickle: bool | None = None) -> None:

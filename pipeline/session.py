@@ -81,9 +81,10 @@ class ModelManager:
         self._count_lock = threading.Lock()
         self._swap = threading.Lock()  # held while the model is replaced; a reply starts before or after
 
-    def resolve(self, settings: Settings) -> Resolved:
-        """Validate settings into a preset, byte budgets and quantization settings (raises PipelineError)."""
-        hardware = self.hardware or detect_hardware(settings.offload_dir)
+    def resolve(self, settings: Settings, hardware: Hardware | None = None) -> Resolved:
+        """Validate settings into a preset, byte budgets and quantization settings (raises PipelineError);
+        `hardware` replaces this machine's (a plan for GPUs it does not have)."""
+        hardware = hardware or self.hardware or detect_hardware(settings.offload_dir)
         preset = resolve_model(settings.model, allowed_roots=self.allowed_roots)
         budgets = make_budgets(
             hardware, list(settings.gpu_gib), settings.cpu_gib, settings.disk, Path(settings.offload_dir),
@@ -105,7 +106,7 @@ class ModelManager:
             resolved = self.resolve(settings)
             return prepare(resolved.preset, resolved.budgets, resolved.quant)
         hardware = what_if_hardware(self.hardware or detect_hardware(settings.offload_dir), [what_if_gpu_gib])
-        resolved = ModelManager(hardware, self.allowed_roots).resolve(replace(settings, gpu_gib=(what_if_gpu_gib,)))
+        resolved = self.resolve(replace(settings, gpu_gib=(what_if_gpu_gib,)), hardware)
         return prepare(resolved.preset, resolved.budgets, resolved.quant, what_if=True)
 
     def load(self, settings: Settings, progress: ProgressCallback | None = None) -> LoadedModel:

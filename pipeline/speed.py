@@ -111,7 +111,7 @@ def estimate(plan: Plan, speeds: Speeds, engine: bool, prompt_tokens: int = 512,
     disk_rate = speeds.ram_copy if disk_cached else speeds.disk_read
     link, link_rate, link_bytes, cold_disk = "", 0.0, 0, 0 if disk_cached else disk_bytes
     if on_gpu:
-        layer_s = speeds.gpu_layer_s if isinstance(speeds.gpu_layer_s, dict) else {k: speeds.gpu_layer_s for k in QUANT_KINDS}
+        layer_s = speeds.gpu_layer_s
         resident = gpu_bytes / speeds.gpu_rate[kind] + n_gpu * layer_s[kind]
         offloaded = cpu_bytes + disk_bytes
         if not offloaded:
@@ -220,7 +220,8 @@ def measure(offload_dir: Path, cuda: bool) -> Speeds:
     return Speeds(source=source, **values)
 
 
-def _best(fn, repeat: int = 3) -> float:
+def best_time(fn, repeat: int = 3) -> float:
+    """Seconds of the fastest of `repeat` calls of `fn`."""
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
@@ -235,25 +236,25 @@ def _cpu_rates() -> tuple[dict[str, float], float]:
     d = 2048
     weight = torch.randn(4 * d, d)
     x = torch.randn(1, d)
-    rates = {"none": weight.numel() * 4 / _best(lambda: [x @ weight.T for _ in range(8)]) * 8}
+    rates = {"none": weight.numel() * 4 / best_time(lambda: [x @ weight.T for _ in range(8)]) * 8}
     try:
         import bitsandbytes as bnb
 
         for kind, layer in (("int8", bnb.nn.Linear8bitLt(d, 4 * d, bias=False, has_fp16_weights=False)),
                             ("4bit", bnb.nn.Linear4bit(d, 4 * d, bias=False, quant_type="nf4",
                                                        compute_dtype=torch.float32))):
-            layer.weight.data = weight.clone() if kind == "4bit" else weight.clone()
+            layer.weight.data = weight.clone()
             layer = layer.to("cpu")
             nbytes = weight.numel() * (1 if kind == "int8" else 0.5)
             with torch.no_grad():
                 layer(x)
-                rates[kind] = nbytes / _best(lambda: [layer(x) for _ in range(4)]) * 4
+                rates[kind] = nbytes / best_time(lambda: [layer(x) for _ in range(4)]) * 4
     except Exception as exc:  # noqa: BLE001 - bitsandbytes' CPU kernels are optional here
         logger.debug("CPU int8/4-bit rates not measured: %s", exc)
         rates.setdefault("int8", rates["none"] / 8)
         rates.setdefault("4bit", rates["none"] / 16)
     a = torch.randn(256, d)
-    flops = 2 * 256 * d * 4 * d / _best(lambda: a @ weight.T)
+    flops = 2 * 256 * d * 4 * d / best_time(lambda: a @ weight.T)
     return rates, flops
 
 
@@ -263,7 +264,7 @@ def _ram_copy() -> float:
     src = torch.empty(64 * 2**20, dtype=torch.uint8)
     dst = torch.empty_like(src)
     src.fill_(1)
-    return src.numel() / _best(lambda: dst.copy_(src))
+    return src.numel() / best_time(lambda: dst.copy_(src))
 
 
 def _disk_read(folder: Path) -> float:
@@ -305,7 +306,7 @@ def _gpu_rates() -> dict[str, Any]:
     def timed(fn) -> float:
         fn()
         torch.cuda.synchronize()
-        return _best(lambda: (fn(), torch.cuda.synchronize()))
+        return best_time(lambda: (fn(), torch.cuda.synchronize()))
 
     h2d_pinned = n / timed(lambda: target.copy_(pinned, non_blocking=True))
     h2d_pageable = n / timed(lambda: target.copy_(pageable))
@@ -380,7 +381,7 @@ def _tiny_step(dev, kind: str, layers: int) -> float:
             torch.cuda.synchronize()
 
         one()
-        return _best(one, repeat=7)
+        return best_time(one, repeat=7)
 
 
 def _hooks_rate(dev) -> float:
@@ -402,4 +403,4 @@ def _hooks_rate(dev) -> float:
             set_module_tensor_to_device(block, name, "meta")
 
     move()
-    return nbytes / _best(move)
+    return nbytes / best_time(move)

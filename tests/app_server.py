@@ -22,20 +22,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(*args: str, log: Path, timeout: float = 180) -> Iterator[str]:
-    if "--model" not in args and "--remote" not in args:
-        args = ("--model", "demo", *args)  # the bundled model: fast on CPU (the configured default is SmolLM2)
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+def running_server(command: list[str], url: str, log: Path, timeout: float = 180, **popen: object) -> Iterator[str]:
+    """Start `command` (its output in `log`), wait until `url` answers 200, yield it, stop the process."""
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *args], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, **popen)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{command[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
@@ -43,7 +38,7 @@ def running_app(*args: str, log: Path, timeout: float = 180) -> Iterator[str]:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"app did not start in {timeout} s:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{command[0]} did not start in {timeout} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
@@ -52,3 +47,14 @@ def running_app(*args: str, log: Path, timeout: float = 180) -> Iterator[str]:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextmanager
+def running_app(*args: str, log: Path, timeout: float = 180) -> Iterator[str]:
+    if "--model" not in args and "--remote" not in args:
+        args = ("--model", "demo", *args)  # the bundled model: fast on CPU (the configured default is SmolLM2)
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    with running_server([sys.executable, "app.py", "--port", str(port), *args], f"http://127.0.0.1:{port}/", log,
+                        timeout, cwd=REPO, env=env) as url:
+        yield url

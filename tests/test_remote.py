@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app_server import REPO, free_port, running_app
+from app_server import REPO, free_port, running_app, running_server
 from test_browser import ARGS, CHROMIUM, _browser_available
 
 KEY = "remote-test-key"
@@ -22,34 +22,14 @@ KEY = "remote-test-key"
 @pytest.fixture(scope="module")
 def transformers_serve(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path):
     """`transformers serve` (transformers' own OpenAI-compatible server) with the demo model, on CPU."""
-    import httpx
-
     port = free_port()
     log = tmp_path_factory.mktemp("tserve") / "serve.log"
     executable = Path(sys.executable).parent / "transformers"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(executable), "serve", str(demo_dir), "--port", str(port), "--device", "cpu"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path_factory.getbasetemp())
     url = f"http://localhost:{port}/v1"
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            try:
-                if httpx.get(url + "/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, f"transformers serve exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"transformers serve did not start:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
+    with running_server([str(executable), "serve", str(demo_dir), "--port", str(port), "--device", "cpu"],
+                        url + "/models", log, env=env, cwd=tmp_path_factory.getbasetemp()):
         yield url, str(demo_dir)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture
