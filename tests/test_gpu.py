@@ -172,7 +172,9 @@ def test_batched_rows_match_their_solo_runs_through_the_engine(arch: str, mode: 
     seen: dict[object, list[torch.Tensor]] = {}  # by handle (not id(): ids of freed handles are reused)
     server.probe = lambda handles, logits: [seen.setdefault(h, []).append(logits[i].float().cpu())
                                             for i, h in enumerate(handles)]
-    params = GenerationParams(temperature=0, max_new_tokens=32, repetition_penalty=1.0)
+    # Plain steps: the probe sees one step's logits per token (a lone chat's speculative steps verify
+    # several tokens in one forward and do not call it; speculation has its own tests).
+    params = GenerationParams(temperature=0, max_new_tokens=32, repetition_penalty=1.0, speculate="off")
     texts = ["Hello", "In the beginning God created", "The quick brown fox jumps", "Memory budgets decide",
              "darkness was upon the face of the deep", "What is your name?", "the cat sleeps", "I am fine, thank you"]
     prompts = [tok(t)["input_ids"] for t in texts]
