@@ -5,6 +5,7 @@ offload folder of its own; and unloading it so that GPU and CPU memory come back
 from __future__ import annotations
 
 import contextlib
+from contextlib import nullcontext
 import ctypes
 import errno
 import gc
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from .budgets import Budgets, free_disk
+from .moe import MoeInfo, checkpoint_folder, routed_experts, set_up_routing
 from .errors import ConfigError, DoesNotFitError, LoadError, ModelSourceError, PipelineError
 from .planning import MODEL_BUILD_LOCK, Plan, format_bytes, load_model_config, plan_device_map, resolve_dtype
 from .presets import ENGINES, Preset
@@ -51,6 +53,7 @@ class LoadedModel:
     offload_dir: Path | None
     load_seconds: float = 0.0
     engine: Any = None  # the OffloadEngine running offloaded layers, or None (accelerate's hooks or none)
+    moe: Any = None  # pipeline.moe.MoeInfo for a mixture-of-experts model (its experts' storage and route)
     server: Any = None  # the serving worker (pipeline.serving.Server) that alone runs the model, once started
 
     @property
@@ -132,10 +135,13 @@ def load_model(
     allow_pickle: bool | None = None,
     prepared: Prepared | None = None,
     engine: Engine = "auto",
+    expert_route: str = "auto",
 ) -> LoadedModel:
     """Plan (unless `prepared` is given), then load weights into exactly that plan.
 
     Raises PipelineError subclasses on failure, after removing any partial offload files.
+    `expert_route` (MoE models): how offloaded layers' experts run, see pipeline.moe.set_up_routing
+    ("auto" measures; "gpu", "cpu", and "whole", the whole-layer baseline, are for benchmarks).
     """
     import time
 
@@ -174,11 +180,13 @@ def load_model(
 
     device_map = _loader_map(plan, prepared.engine, preset, allow_pickle)
     offload_dir = None
-    if "disk" in device_map.values():
+    if "disk" in device_map.values() or "disk" in plan.device_map.values():
         offload_dir = _offload_folder(budgets.offload_dir, preset, plan, quant)
+    moe_info = None
     try:
         report(0.1, f"Loading weights: {plan.summary}")
-        with MODEL_BUILD_LOCK, _weight_progress(lambda f: report(0.1 + 0.85 * f, "Loading weights")):
+        with MODEL_BUILD_LOCK, routed_experts(config) if plan.experts else nullcontext(False) as routed, \
+                _weight_progress(lambda f: report(0.1 + 0.85 * f, "Loading weights")):
             model = AutoModelForCausalLM.from_pretrained(
                 source,
                 device_map=device_map,
@@ -191,7 +199,13 @@ def load_model(
                 trust_remote_code=preset.trust_remote_code,
             )
         model.eval()
+        if routed:
+            report(0.95, "Quantizing experts" if plan.experts != "none" else "Placing experts")
+            moe_info = _place_experts(model, plan, preset, source, offload_dir, expert_route, prepared.engine)
         offload_engine = _attach_engine(model, plan, quant, offload_dir) if prepared.engine else None
+        if moe_info is not None and moe_info.route != "whole":
+            moe_info = set_up_routing(moe_info.modules, plan.experts, torch.device(plan.offload_device),
+                                      plan.expert_cache_bytes, expert_route)
     except PipelineError:
         _remove_offload(offload_dir)
         raise
@@ -230,7 +244,46 @@ def load_model(
     report(1.0, f"Loaded {preset.display_name}")
     loaded = LoadedModel(preset, plan, quant, model, tokenizer, context, offload_dir, time.perf_counter() - started)
     loaded.engine = offload_engine
+    loaded.moe = moe_info
+    if moe_info is not None:
+        logger.info("%s: %s", preset.display_name, moe_info.describe())
     return loaded
+
+
+def _place_experts(model: Any, plan: Plan, preset: Preset, source: str, offload_dir: Path | None, route: str,
+                   engine: bool) -> MoeInfo:
+    """Read, quantize and place a MoE model's experts where the plan put their layers (pipeline.moe)."""
+    from .moe import RoutedExperts, fill_experts, make_whole
+
+    tiers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, RoutedExperts):
+            device = _planned_device(name, plan.device_map)
+            tiers[name] = "gpu" if isinstance(device, int) else str(device)
+    compute = torch.device(plan.offload_device)
+    modules = fill_experts(model, checkpoint_folder(source, preset.local_path is not None), tiers, plan.experts,
+                           plan.dtype, compute, offload_dir)
+    for module in modules:  # several GPUs: each layer's experts on its own GPU
+        device = _planned_device(f"{plan.layer_prefix}.{module.layer}", plan.device_map)
+        if isinstance(device, int) and module.rows is not None and module.rows.device != torch.device("cuda", device):
+            module.rows = module.rows.to(torch.device("cuda", device))
+    if route == "whole":
+        if not engine:
+            raise ConfigError("expert route 'whole' (the whole-layer baseline) needs the offload engine")
+        make_whole(modules)
+        return MoeInfo(mode=plan.experts, route="whole", modules=modules)
+    return MoeInfo(mode=plan.experts, route="resident", modules=modules)
+
+
+def _planned_device(name: str, device_map: dict[str, Any]) -> Any:
+    """The device the plan gives module `name` (the entry for it or the closest module holding it)."""
+    best = None
+    for key, device in device_map.items():
+        if (key == "" or name == key or name.startswith(key + ".")) and (best is None or len(key) > len(best[0])):
+            best = (key, device)
+    if best is None:
+        raise KeyError(f"the plan does not place {name!r}")
+    return best[1]
 
 
 def _loader_map(plan: Plan, engine: bool, preset: Preset, allow_pickle: bool) -> dict[str, Any]:
@@ -283,6 +336,10 @@ def unload(loaded: LoadedModel, reason: str = "the model was unloaded") -> None:
         if loaded.engine is not None:
             loaded.engine.close()  # hooks, slots, pinned buffers, the disk reader thread
             loaded.engine = None
+        if loaded.moe is not None:  # expert rows (GPU, pinned RAM, memory-mapped files) and the expert cache
+            for module in loaded.moe.modules:
+                module.rows = module.cache = None
+            loaded.moe = None
         if model is not None:
             try:
                 from accelerate.hooks import remove_hook_from_submodules
@@ -328,6 +385,8 @@ def offload_bytes_written(prepared: Prepared, preset: Preset, allow_pickle: bool
     if not on_disk:
         return 0
     allow_pickle = preset.allow_pickle if allow_pickle is None else allow_pickle
+    if prepared.plan.experts:  # MoE experts on disk are always written (per expert, quantized or not)
+        return on_disk
     return on_disk if _pickle_checkpoint(preset, allow_pickle) or (prepared.engine and prepared.plan.compressed) else 0
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from .budgets import Budgets, GiB
 from .errors import ConfigError, DoesNotFitError, ModelSourceError
 from .presets import Preset
+from .moe import expert_bytes, experts_param_names
 from .quantization import (
     CPU_4BIT_BLOCK_N,
     QuantSettings,
@@ -70,6 +71,8 @@ class Plan:
     compressed: bool = False  # offloaded layers are kept and moved quantized (the engine's compressed transfer)
     layer_prefix: str = ""  # the decoder layer list ("model.layers"), "" when the model has none
     offload_gpu: int | None = None  # the GPU whose budget holds the offload slots (the last one with a budget)
+    experts: str = ""  # MoE: how the fused experts are stored ("nf4", "int8", "fp4", "none"); "" for other models
+    expert_cache_bytes: int = 0  # MoE: GPU budget left for the cache of routed experts of offloaded layers
 
     @property
     def offloaded(self) -> bool:
@@ -127,6 +130,8 @@ class Plan:
             "notes": list(self.notes),
             "offload_slots": self.offload_slots,
             "compressed": self.compressed,
+            "experts": self.experts,
+            "expert_cache_bytes": self.expert_cache_bytes,
         }
 
     def to_json(self) -> str:
@@ -371,6 +376,15 @@ def plan_device_map(
     full = _real_buffer_sizes(model, compute_module_sizes(model, dtype=dtype))
     special = special_dtypes(model, quant)
     priced = _real_buffer_sizes(model, compute_module_sizes(model, dtype=dtype, special_dtypes=special)) if special else full
+    experts = experts_param_names(model)
+    expert_mode = (quant.mode if quant.enabled else "none") if experts else ""
+    if experts:
+        # Fused experts are stored per expert by pipeline.moe, quantized in every tier (not only on the GPU).
+        full, priced = _expert_sizes(full, experts, expert_mode, dtype), _expert_sizes(priced, experts, expert_mode, dtype)
+        notes.append(_experts_note(model, experts, expert_mode, quant, dtype))
+        if special:  # accelerate's own pricing (infer_auto_device_map) sees them quantized too
+            quantized_type = special[next(iter(special))]
+            special = {**special, **{f"{n}.{p}": quantized_type for n in experts for p in ("gate_up_proj", "down_proj")}}
     tied = find_tied_parameters(model)
 
     # Tensors held directly by the modules around the layer list go with the first module (_with_orphans):
@@ -381,15 +395,26 @@ def plan_device_map(
         if orphan_bytes:
             first = next(iter(max_memory))
             max_memory = {**max_memory, first: max(0, max_memory[first] - orphan_bytes)}
-        device_map = infer_auto_device_map(
-            model,
-            max_memory=max_memory,
-            no_split_module_classes=list(no_split),
-            dtype=dtype,
-            special_dtypes=special_,
-            clean_result=False,
-        )
-        return _with_orphans(model, _normalize(model, dict(device_map)))
+        for _ in range(4):
+            device_map = _with_orphans(model, _normalize(model, dict(infer_auto_device_map(
+                model,
+                max_memory=max_memory,
+                no_split_module_classes=list(no_split),
+                dtype=dtype,
+                special_dtypes=special_,
+                clean_result=False,
+            ))))
+            if not experts:
+                return device_map
+            # accelerate prices 4-bit experts at half a byte per weight; their absmax scales add 1/8 more.
+            # Where that overfills a GPU, ask again with that GPU's budget lowered by the excess.
+            over = {d: sum(priced.get(k, 0) for k, v in device_map.items() if v == d) - max_memory[d]
+                    for d in max_memory if isinstance(d, int)}
+            over = {d: v for d, v in over.items() if v > 0}
+            if not over:
+                return device_map
+            max_memory = {d: max(0, int(b - over.get(d, 0))) for d, b in max_memory.items()}
+        return device_map
 
     gpu_memory = {i: b for i, b in enumerate(budgets.gpu) if b > 0}
     # The slots live on the last GPU with a budget: it runs the offloaded layers, which come after its own.
@@ -461,6 +486,18 @@ def plan_device_map(
 
     blocks, layers = _blocks(model, device_map, sizes)
     order = [d for d in gpu_memory] + ["cpu", "disk"]
+    cache_bytes = 0
+    if experts and offload_gpu is not None and offloads(device_map) and decoder is not None:
+        # Offloaded MoE layers cross the link without their experts: the engine's slots hold the rest of a
+        # layer, and what the budget kept for whole offloaded layers caches routed experts instead.
+        per_layer_experts = max(_expert_bytes_of_layer(experts, decoder[0], i, expert_mode, dtype)
+                                for i in range(len(decoder[1])))
+        slots_bytes = offload_slots * max(0, _max_block(model, priced) - per_layer_experts)
+        cache_bytes = max(0, budgets.gpu[offload_gpu] - bytes_per_device.get(offload_gpu, 0) - slots_bytes)
+        slot = max(expert_bytes(expert_mode, i, h, dtype) for _, i, h in experts.values())
+        notes.append(f"offloaded MoE layers send only their routed experts to the GPU; {format_bytes(cache_bytes)} "
+                     f"of the GPU budget caches recently used experts (about {int(cache_bytes // slot)}), or the CPU "
+                     "computes them where that measures faster at load")
     bytes_per_device = {d: bytes_per_device[d] for d in order if d in bytes_per_device}
     layers = {d: layers[d] for d in order if d in layers}
     return Plan(
@@ -479,7 +516,57 @@ def plan_device_map(
         layer_prefix=decoder[0] if decoder else "",
         offload_gpu=offload_gpu,
         compressed=compressed and any(not isinstance(d, int) for d in device_map.values()),
+        experts=expert_mode,
+        expert_cache_bytes=int(cache_bytes),
     )
+
+
+def _expert_sizes(sizes: dict[str, float], experts: dict[str, tuple[int, int, int]], mode: str,
+                  dtype: torch.dtype) -> dict[str, float]:
+    """Module sizes with each fused experts module priced as pipeline.moe stores it (`mode`, per expert,
+    with its scales), and every module holding it adjusted by the difference."""
+    sizes = dict(sizes)
+    for name, (count, intermediate, hidden) in experts.items():
+        stored = count * expert_bytes(mode, intermediate, hidden, dtype)
+        delta = stored - sizes.get(name, 0)
+        parts = name.split(".")
+        for i in range(len(parts) + 1):
+            key = ".".join(parts[:i])
+            if key in sizes:
+                sizes[key] += delta
+    return sizes
+
+
+def _expert_bytes_of_layer(experts: dict[str, tuple[int, int, int]], prefix: str, index: int, mode: str,
+                           dtype: torch.dtype) -> int:
+    head = f"{prefix}.{index}."
+    return sum(count * expert_bytes(mode, i, h, dtype) for name, (count, i, h) in experts.items()
+               if name.startswith(head))
+
+
+def _experts_note(model: nn.Module, experts: dict[str, tuple[int, int, int]], mode: str, quant: QuantSettings,
+                  dtype: torch.dtype) -> str:
+    """What a MoE plan does with the experts, and what stays 16-bit and why."""
+    count = len(experts)
+    params = sum(e * 3 * i * h for e, i, h in experts.values())
+    if mode == "none":
+        return f"MoE: {count} experts modules ({params / 1e9:.2f} B parameters) kept {str(dtype).removeprefix('torch.')}, " \
+               "stored per expert so offloaded layers can send only their routed experts"
+    quantized = set(quantized_weight_names(model, quant)) | {f"{n}.{p}" for n in experts for p in ("gate_up_proj", "down_proj")}
+    kept: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if name in quantized:
+            continue
+        owner_name = name.rsplit(".", 1)[0] if "." in name else ""
+        owner = model.get_submodule(owner_name)
+        kind = type(owner).__name__ if re.search(r"\.\d+\.", name) else owner_name  # inside a layer: its class
+        kept[kind] = kept.get(kind, 0) + param.numel() * param.element_size()
+    top = sorted(kept.items(), key=lambda kv: -kv[1])[:4]
+    listed = ", ".join(f"{kind} {format_bytes(size)}" for kind, size in top)
+    return (f"MoE: {count} experts modules ({params / 1e9:.2f} B parameters) quantized {mode} per expert by Offload "
+            f"Chat (bitsandbytes functional, blocks of {64 if mode in ('nf4', 'fp4') else 'one row'}); kept 16-bit: "
+            f"{listed} (bitsandbytes converts only nn.Linear; embeddings, the output layer, norms and routers stay "
+            "in the model dtype)")
 
 
 def _max_block(model: nn.Module, sizes: dict[str, int]) -> int:
