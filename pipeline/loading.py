@@ -268,9 +268,7 @@ def _place_experts(model: Any, plan: Plan, preset: Preset, source: str, offload_
         if isinstance(device, int) and module.rows is not None and module.rows.device != torch.device("cuda", device):
             module.rows = module.rows.to(torch.device("cuda", device))
     if route == "whole":
-        if not engine:
-            raise ConfigError("expert route 'whole' (the whole-layer baseline) needs the offload engine")
-        make_whole(modules)
+        make_whole(modules, compute, engine)
         return MoeInfo(mode=plan.experts, route="whole", modules=modules)
     return MoeInfo(mode=plan.experts, route="resident", modules=modules)
 

@@ -653,13 +653,20 @@ def _top_k(config: Any) -> int:
     return int(getattr(config, "num_experts_per_tok", 0) or getattr(config, "moe_topk", 0) or 2)
 
 
-def make_whole(modules: list[RoutedExperts]) -> None:
-    """The whole-layer baseline: each offloaded experts module's rows become a parameter, so the offload
-    engine streams them with the rest of the layer (every expert, every token). Call before the engine
-    is attached."""
+def make_whole(modules: list[RoutedExperts], compute_device: torch.device, engine: bool) -> None:
+    """The whole-layer baselines: each offloaded experts module's rows become a parameter `whole`, which
+    the offload engine streams with the rest of its layer (`engine`; call before it is attached), or
+    accelerate's own offload hook moves to `compute_device` for every forward (as it moves any
+    offloaded module's weights): every expert crosses the link for every token."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
     for module in modules:
         if module.home == "gpu":
             continue
         assert module.rows is not None
-        module.whole = nn.Parameter(module.rows if module.home == "cpu" else module.rows.clone(), requires_grad=False)
+        rows = module.rows if module.home == "cpu" else module.rows.clone()
+        module.whole = nn.Parameter(rows, requires_grad=False)
         module.route = "whole"
+        if not engine:
+            add_hook_to_module(module, AlignDevicesHook(execution_device=compute_device, offload=True,
+                                                        weights_map={"whole": rows}))

@@ -202,3 +202,52 @@ def test_batched_rows_match_their_solo_runs_through_the_engine(arch: str, mode: 
     assert compared >= 8, f"too few steps compared before near ties ({compared})"
     server.close()
     unload(loaded)
+
+
+@pytest.mark.parametrize("mode", ["none", "nf4"])
+def test_moe_routes_match_the_resident_model(mode: str, tokenizer_dir: Path, tmp_path: Path) -> None:
+    """A tiny Mixtral with 8 experts, layers on the GPU and in RAM: routed experts through the GPU cache,
+    and whole-layer streaming by the engine and by accelerate's hooks, all give the tokens of the model
+    fully on the GPU; CPU-computed experts (fp32 there) give its next-token logits within 2 %."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from conftest import PROMPT
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model("mixtral", vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                  num_local_experts=8, num_experts_per_tok=2)
+    preset = resolve_model(str(save_checkpoint(config, tmp_path / "mixtral", tok)))
+    quant = QuantSettings(mode=mode)
+    whole = load_model(preset, gpu_budgets(tmp_path, 4 * GiB, GiB, disk=False), quant)
+    assert whole.moe is not None and whole.moe.route == "resident"
+    ids = torch.tensor([whole.tokenizer(PROMPT)["input_ids"]], device="cuda")
+
+    def logits(loaded) -> torch.Tensor:
+        with torch.inference_mode():
+            return loaded.model(input_ids=ids).logits[0, -1].float()
+
+    expected, expected_logits, total = greedy(whole, n=8), logits(whole), whole.plan.total_bytes
+    unload(whole)
+    budget = gpu_budgets(tmp_path, total // 2, GiB, disk=False)
+    for offload, route in (("engine", "gpu"), ("engine", "auto"), ("engine", "whole"), ("accelerate", "whole"),
+                           ("engine", "cpu")):
+        split = load_model(preset, budget, quant, engine=offload, expert_route=route)
+        assert {0, "cpu"} <= set(split.plan.layers_per_device), split.plan.summary
+        moe = split.moe
+        if route == "cpu":
+            got = logits(split)
+            assert torch.allclose(got, expected_logits, atol=0.02 * float(expected_logits.abs().max())), \
+                (got - expected_logits).abs().max()
+            assert moe.stats.cpu_experts > 0
+        else:
+            assert greedy(split, n=8) == expected, (offload, route, split.plan.summary)
+        if route == "gpu":
+            assert moe.route == "gpu" and moe.cache is not None and moe.cache.device.type == "cuda"
+            assert moe.stats.misses > 0 and moe.stats.hits > 0, moe.stats  # 8 tokens re-use experts
+        if route == "auto":
+            assert moe.route in ("gpu", "cpu") and moe.gpu_ms is not None and moe.cpu_ms is not None
+        if offload == "engine" and route == "whole":  # the engine moved every expert of its layers
+            offloaded = [m for m in moe.modules if m.home != "gpu"]
+            assert split.engine.stats.bytes_copied >= sum(m.rows.numel() for m in offloaded)
+        unload(split)
