@@ -391,19 +391,40 @@ def plan_device_map(
     # their bytes are taken from the first device's budget up front.
     orphan_bytes = int(sum(full.get(name, 0) for name in _orphan_names(model)))
 
+    output_tied = bool(output) and any(p.startswith(f"{output}.") for group in tied for p in group)
+
+    def accelerate_map(max_memory: dict[Device, int], special_: dict | None) -> dict[str, Device]:
+        return _with_orphans(model, _normalize(model, dict(infer_auto_device_map(
+            model,
+            max_memory=max_memory,
+            no_split_module_classes=list(no_split),
+            dtype=dtype,
+            special_dtypes=special_,
+            clean_result=False,
+        ))))
+
+    def output_to_gpu(device_map: dict[str, Device], max_memory: dict[Device, int],
+                      special_: dict | None) -> dict[str, Device]:
+        """The output layer runs once per token, last: left on the CPU by accelerate's in-order filling, its
+        hooks would copy it (Mixtral's 250 MiB) from pageable memory for every token. When layers are
+        offloaded anyway, keep it on the GPU and give up that much of the GPU budget to layers."""
+        if not output or output_tied or output not in device_map or isinstance(device_map[output], int):
+            return device_map
+        gpus = [d for d in max_memory if isinstance(d, int)]
+        size = int(priced.get(output, 0))
+        if not gpus or not size or size > max_memory[gpus[-1]] // 4:
+            return device_map
+        moved = accelerate_map({**max_memory, gpus[-1]: max_memory[gpus[-1]] - size}, special_)
+        if output in moved:
+            moved[output] = gpus[-1]
+        return moved
+
     def infer(max_memory: dict[Device, int], special_: dict | None) -> dict[str, Device]:
         if orphan_bytes:
             first = next(iter(max_memory))
             max_memory = {**max_memory, first: max(0, max_memory[first] - orphan_bytes)}
         for _ in range(4):
-            device_map = _with_orphans(model, _normalize(model, dict(infer_auto_device_map(
-                model,
-                max_memory=max_memory,
-                no_split_module_classes=list(no_split),
-                dtype=dtype,
-                special_dtypes=special_,
-                clean_result=False,
-            ))))
+            device_map = output_to_gpu(accelerate_map(max_memory, special_), max_memory, special_)
             if not experts:
                 return device_map
             # accelerate prices 4-bit experts at half a byte per weight; their absmax scales add 1/8 more.

@@ -229,7 +229,7 @@ def test_moe_routes_match_the_resident_model(mode: str, tokenizer_dir: Path, tmp
 
     expected, expected_logits, total = greedy(whole, n=8), logits(whole), whole.plan.total_bytes
     unload(whole)
-    budget = gpu_budgets(tmp_path, total // 2, GiB, disk=False)
+    budget = smallest_split(preset, tmp_path, total, quant, tiers=frozenset({0, "cpu"}))
     for offload, route in (("engine", "gpu"), ("engine", "auto"), ("engine", "whole"), ("accelerate", "whole"),
                            ("engine", "cpu")):
         split = load_model(preset, budget, quant, engine=offload, expert_route=route)
