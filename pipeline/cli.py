@@ -12,7 +12,7 @@ import sys
 import threading
 
 from .errors import ConfigError, PipelineError
-from .params import GenerationParams
+from .params import SPECULATION, GenerationParams
 from .access import API_KEY_ENV
 from .presets import ENGINES, QUANTIZATIONS, default_model, list_presets, load_app_config, offload_root, resolve_model
 
@@ -61,9 +61,13 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     gen.add_argument("--top-k", default=None)
     gen.add_argument("--repetition-penalty", default=None)
     gen.add_argument("--seed", default=None)
-    gen.add_argument("--speculate", choices=("off", "lookup", "draft"), default=None,
-                     help="prompt-lookup speculation when one chat decodes: the same reply in fewer steps "
-                          "(default: lookup; draft is not available yet)")
+    gen.add_argument("--speculate", choices=SPECULATION, default=None,
+                     help="speculation when one chat decodes, the same reply in fewer steps: prompt lookup, a draft "
+                          "model (needs one: --draft or the preset's draft:) or off (default: draft with a draft "
+                          "model, else lookup)")
+    gen.add_argument("--draft", default=None, metavar="PRESET_OR_PATH",
+                     help="attach a draft model (a smaller model with the same tokenizer) for speculative decoding; "
+                          "kept whole on the GPU (in RAM without one); '' detaches the preset's draft")
     parser.add_argument("--plan-only", action="store_true", help="print the plan and exit without loading weights")
     parser.add_argument("--json", action="store_true", help="with --plan-only: print the plan as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
@@ -126,7 +130,7 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
 
     if args.remote:
         return _run_remote(args)
-    preset = resolve_model(args.model)
+    preset = _with_draft(resolve_model(args.model), args.draft)
     offload_dir, hardware, gpu, cpu = _machine_and_budgets(args, defaults)
     what_if = args.plan_only and args.gpu_memory is not None and beyond_hardware(hardware, args.gpu_memory)
     if what_if:  # "would this fit on a 24 GB card, and how fast?": plan for GPUs this machine lacks
@@ -156,6 +160,11 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
         return 0
     print(_plan_text(plan, prepared.engine, prepared.estimate), flush=True)
     params = _params(args, preset.generation)
+    if args.speculate is None and preset.draft:
+        params = params.replace(speculate="draft")  # a draft attached is meant to be used
+    if params.speculate == "draft" and not preset.draft:
+        raise ConfigError(f"--speculate draft needs a draft model, and {preset.display_name} has none: attach one with "
+                          "--draft PRESET_OR_PATH (a smaller model with the same tokenizer), or use --speculate lookup")
 
     interactive = sys.stderr.isatty()
     shown = {"step": -1}
@@ -177,6 +186,13 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
         return _chat(lambda messages, p, **kw: stream_chat(loaded, messages, p, **kw), args, params)
     finally:
         unload(loaded)
+
+
+def _with_draft(preset, draft: str | None):
+    """The preset with --draft's model attached ('' detaches the preset's own)."""
+    import dataclasses
+
+    return preset if draft is None else dataclasses.replace(preset, draft=draft.strip() or None)
 
 
 def _machine_and_budgets(args: argparse.Namespace, defaults: dict) -> tuple:
@@ -247,7 +263,7 @@ def _serve(args: argparse.Namespace, defaults: dict) -> int:
     quant = QuantSettings(mode=args.quant or "none", int8_threshold=args.int8_threshold,
                           skip_modules=args.skip_modules if args.skip_modules is not None else "lm_head")
     settings = Settings(model=args.model, gpu_gib=tuple(gpu), cpu_gib=cpu, disk=args.disk, offload_dir=str(offload_dir),
-                        disk_cap_gib=args.disk_cap, quant=quant, quant_from_preset=args.quant is None)
+                        disk_cap_gib=args.disk_cap, quant=quant, quant_from_preset=args.quant is None, draft=args.draft)
     manager = ModelManager(hardware)
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -304,6 +320,9 @@ def _plan_text(plan, engine: bool, estimate=None, what_if: bool = False) -> str:
     lines = [f"plan: {plan.summary}",
              f"dtype: {str(plan.dtype).removeprefix('torch.')} · quantization: {plan.quantization}"
              + (f" · offloaded layers run with the {offload}" if plan.offloaded else "")]
+    if plan.draft is not None:
+        lines.append(f"draft model: {plan.draft.describe()}, taken out of the "
+                     f"{'GPU' if isinstance(plan.draft.device, int) else 'CPU'} budget")
     if what_if:
         lines.append("planned for: GPUs this machine does not have (a CUDA machine's pricing); loading needs the "
                      "real hardware")
