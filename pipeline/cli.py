@@ -321,7 +321,7 @@ def _plan_text(plan, engine: bool, estimate=None, what_if: bool = False) -> str:
              f"dtype: {str(plan.dtype).removeprefix('torch.')} · quantization: {plan.quantization}"
              + (f" · offloaded layers run with the {offload}" if plan.offloaded else "")]
     if plan.draft is not None:
-        lines.append(f"draft model: {plan.draft.describe()}, taken out of the "
+        lines.append(f"{plan.draft.describe()}: taken out of the "
                      f"{'GPU' if isinstance(plan.draft.device, int) else 'CPU'} budget")
     if what_if:
         lines.append("planned for: GPUs this machine does not have (a CUDA machine's pricing); loading needs the "
