@@ -246,6 +246,8 @@ class ModelManager:
             return {"loaded": False, "status": self.status}
         plan = loaded.plan
         placement = " · ".join(f"{tier} {share * 100:.0f} %" for tier, share in plan.share().items())
+        if plan.draft is not None:
+            placement += f" · {plan.draft.describe()}"
         memory = " · ".join(
             f"{device_label(d)} {format_bytes(b)}" for d, b in plan.bytes_per_device.items()
         )
