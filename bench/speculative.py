@@ -22,7 +22,6 @@ model, the tokens/s that follow are (tokens per forward) / (ms per forward at th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -55,7 +54,7 @@ def run_groups(args) -> list[dict]:
     budgets = Budgets(gpu=(), cpu=int(args.cpu_memory * GiB), disk=args.disk, offload_dir=Path("offload"))
     preset = resolve_model(args.model)
     if args.draft:
-        preset = dataclasses.replace(preset, draft=args.draft)
+        preset = preset.with_draft(args.draft)
     mode = "draft" if args.draft else "lookup"
     loaded = load_model(preset, budgets)
     config = "RAM + disk" if "disk" in loaded.plan.bytes_per_device else "all in RAM"

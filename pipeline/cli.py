@@ -63,8 +63,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     gen.add_argument("--seed", default=None)
     gen.add_argument("--speculate", choices=SPECULATION, default=None,
                      help="speculation when one chat decodes, the same reply in fewer steps: prompt lookup, a draft "
-                          "model (needs one: --draft or the preset's draft:) or off (default: draft with a draft "
-                          "model, else lookup)")
+                          "model (needs one: --draft or the preset's draft:) or off (default: the preset's; draft "
+                          "when --draft attaches one)")
     gen.add_argument("--draft", default=None, metavar="PRESET_OR_PATH",
                      help="attach a draft model (a smaller model with the same tokenizer) for speculative decoding; "
                           "kept whole on the GPU (in RAM without one); '' detaches the preset's draft")
@@ -130,7 +130,11 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
 
     if args.remote:
         return _run_remote(args)
-    preset = _with_draft(resolve_model(args.model), args.draft)
+    preset = resolve_model(args.model)
+    preset = preset if args.draft is None else preset.with_draft(args.draft)
+    if args.speculate == "draft" and not preset.draft:
+        raise ConfigError(f"--speculate draft needs a draft model, and {preset.display_name} has none: attach one with "
+                          "--draft PRESET_OR_PATH (a smaller model with the same tokenizer), or use --speculate lookup")
     offload_dir, hardware, gpu, cpu = _machine_and_budgets(args, defaults)
     what_if = args.plan_only and args.gpu_memory is not None and beyond_hardware(hardware, args.gpu_memory)
     if what_if:  # "would this fit on a 24 GB card, and how fast?": plan for GPUs this machine lacks
@@ -160,11 +164,6 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
         return 0
     print(_plan_text(plan, prepared.engine, prepared.estimate), flush=True)
     params = _params(args, preset.generation)
-    if args.speculate is None and preset.draft:
-        params = params.replace(speculate="draft")  # a draft attached is meant to be used
-    if params.speculate == "draft" and not preset.draft:
-        raise ConfigError(f"--speculate draft needs a draft model, and {preset.display_name} has none: attach one with "
-                          "--draft PRESET_OR_PATH (a smaller model with the same tokenizer), or use --speculate lookup")
 
     interactive = sys.stderr.isatty()
     shown = {"step": -1}
@@ -186,13 +185,6 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
         return _chat(lambda messages, p, **kw: stream_chat(loaded, messages, p, **kw), args, params)
     finally:
         unload(loaded)
-
-
-def _with_draft(preset, draft: str | None):
-    """The preset with --draft's model attached ('' detaches the preset's own)."""
-    import dataclasses
-
-    return preset if draft is None else dataclasses.replace(preset, draft=draft.strip() or None)
 
 
 def _machine_and_budgets(args: argparse.Namespace, defaults: dict) -> tuple:

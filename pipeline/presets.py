@@ -81,8 +81,22 @@ class Preset:
         if self.draft is not None and not (isinstance(self.draft, str) and self.draft.strip()):
             raise ConfigError(f"preset {self.name!r}: draft={self.draft!r} must be a preset name or a local checkpoint "
                               "path (a smaller model with the same tokenizer)")
+        if self.generation.speculate == "draft" and not self.draft:
+            raise ConfigError(f"preset {self.name!r}: generation.speculate is 'draft' but the preset has no draft "
+                              "model; add 'draft: PRESET_OR_PATH' or choose speculate 'lookup' or 'off'")
         if not self.display_name:
             object.__setattr__(self, "display_name", self.name)
+
+    def with_draft(self, draft: str | None) -> Preset:
+        """This preset with another draft model ("" or None: none). A draft attached becomes the default
+        speculation (unless it is off); without a draft, a default of "draft" becomes "lookup"."""
+        draft = (draft or "").strip() or None
+        speculate = self.generation.speculate
+        if draft and speculate == "lookup":
+            speculate = "draft"
+        elif not draft and speculate == "draft":
+            speculate = "lookup"
+        return dataclasses.replace(self, draft=draft, generation=self.generation.replace(speculate=speculate))
 
     @property
     def gguf_path(self) -> Path:

@@ -91,7 +91,7 @@ class ModelManager:
             draft = settings.draft.strip() or None
             if draft is not None:
                 resolve_model(draft, allowed_roots=self.allowed_roots)  # a shared app's folder limits hold for drafts
-            preset = replace(preset, draft=draft)
+            preset = preset.with_draft(draft)
         budgets = make_budgets(
             hardware, list(settings.gpu_gib), settings.cpu_gib, settings.disk, Path(settings.offload_dir),
             settings.disk_cap_gib,

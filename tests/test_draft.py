@@ -174,3 +174,10 @@ def test_preset_draft_key_is_validated() -> None:
     assert Preset.from_dict("x", {"source": "models/demo", "draft": "demo"}).draft == "demo"
     with pytest.raises(ConfigError, match="preset 'x': draft=3 must be a preset name or a local checkpoint path"):
         Preset.from_dict("x", {"source": "models/demo", "draft": 3})
+    attached = Preset.from_dict("x", {"source": "models/demo"}).with_draft("demo")
+    assert attached.draft == "demo" and attached.generation.speculate == "draft"  # attached to be used
+    assert attached.with_draft("").draft is None and attached.with_draft("").generation.speculate == "lookup"
+    with pytest.raises(ConfigError, match="generation.speculate is 'draft' but the preset has no draft model"):
+        Preset.from_dict("x", {"source": "models/demo", "generation": {"speculate": "draft"}})
+    assert Preset.from_dict("x", {"source": "models/demo", "draft": "demo",
+                                  "generation": {"speculate": "draft"}}).generation.speculate == "draft"
