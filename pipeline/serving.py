@@ -464,8 +464,9 @@ class Server:
         beside it). Returns False when no step was taken.
 
         transformers' assisted generation does the same inside `generate`; it cannot be used here, where
-        the worker owns the cache and the batch, so the loop is written out (its verification rule is
-        the one of `_speculative_sampling` in transformers' generation utils)."""
+        the worker owns the cache and the batch, so the loop is written out. Its verification rule is the
+        one of transformers' private `_speculative_sampling`, which draws from the process-wide RNG; the
+        worker draws from each request's own generator, so `_verify` writes the rule out too."""
         params = row.request.params
         if params.speculate == "off" or not self.batchable or row.request.handle.cancel_event.is_set():
             return False
