@@ -210,8 +210,12 @@ class ChatApp:
             # A shared app writes offload files only under its own offload root.
             raise PipelineError(f"offload folder {str(folder)!r} is outside {str(root)!r}, the only place this shared "
                                 "app writes offload files")
+        model = (custom or "").strip() or preset
+        current = self.manager.settings
         return Settings(
-            model=(custom or "").strip() or preset,
+            model=model,
+            # A draft attached at start (--draft) stays with its model; another model gets its preset's own.
+            draft=current.draft if current is not None and current.model == model else None,
             gpu_gib=tuple(gpu_gib),
             cpu_gib=cpu_gib,
             disk=bool(disk),
@@ -443,7 +447,8 @@ class ChatApp:
             top_k: sample among the k most likely tokens; 0 turns it off.
             repetition_penalty: above 1 discourages repeating tokens.
             seed: random seed for reproducible sampling; -1 for a random one.
-            speculate: "lookup" (prompt-lookup speculation, the same output in fewer steps) or "off".
+            speculate: "lookup" (prompt-lookup speculation, the same output in fewer steps), "draft" (a draft
+                model proposes; the loaded model must have one) or "off".
         """
         if not isinstance(message, str) or not isinstance(system, str):
             raise gr.Error("message and system must be text", print_exception=False)
@@ -493,9 +498,10 @@ class ChatApp:
                         top_k = gr.Slider(0, 200, value=gen.top_k, step=1, label="Top-k (0 = off)")
                         penalty = gr.Slider(0.8, 2, value=gen.repetition_penalty, step=0.01, label="Repetition penalty")
                         seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
-                        speculate = gr.Radio([("prompt lookup", "lookup"), ("off", "off")], value="lookup",
+                        speculate = gr.Radio([("off", "off"), ("prompt lookup", "lookup"), ("draft model", "draft")],
+                                             value="lookup", elem_id="speculate",
                                              label="Speculation (the same reply in fewer steps when a chat runs "
-                                                   "alone)", elem_id="speculate")
+                                                   "alone; draft model: a model loaded with one, e.g. --draft)")
                 with gr.Column(scale=2, min_width=360):
                     with gr.Group():
                         preset = gr.Dropdown(choices=[(label, name) for label, name in names.items()],
@@ -718,6 +724,9 @@ def parse_args(argv: list[str] | None = None, config: dict[str, Any] | None = No
     parser.add_argument("--model", default=default_model(config),
                         help="preset, hub ID or local path loaded at start (default: %(default)s)")
     on_space = bool(os.environ.get("SPACE_ID"))
+    parser.add_argument("--draft", default=None, metavar="PRESET_OR_PATH",
+                        help="attach a draft model (a smaller model with the same tokenizer) to --model, for the "
+                             "'draft model' speculation; '' detaches the preset's own draft")
     parser.add_argument("--host", default="0.0.0.0" if on_space else "127.0.0.1")
     parser.add_argument("--port", type=_port, default=os.environ.get("PORT", "7860"), help="1-65535 (default: 7860)")
     parser.add_argument("--share", action="store_true", help="create a public share link")
@@ -786,7 +795,7 @@ def main(argv: list[str] | None = None) -> None:
             cpu = args.cpu_memory if args.cpu_memory is not None else defaults.cpu / GiB
             disk = bool(config.get("disk", True)) and not args.no_disk
             settings = Settings(model=args.model, gpu_gib=tuple(gpu), cpu_gib=cpu, disk=disk, offload_dir=root,
-                                disk_cap_gib=chat_app.disk_cap_gib, quant_from_preset=True)
+                                disk_cap_gib=chat_app.disk_cap_gib, quant_from_preset=True, draft=args.draft)
             manager.load(settings)
             logger.info("loaded %s: %s", args.model, manager.current.plan.summary)
         except PipelineError as exc:

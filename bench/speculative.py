@@ -9,6 +9,10 @@ speedup and whether every greedy reply was identical.
     python bench/speculative.py --json                                   # default model, all in RAM
     python bench/speculative.py --json --cpu-memory 0.12 --disk          # split over RAM and disk
     python bench/speculative.py --forward-cost --model bloom-3b ...      # GPU: ms per forward against k
+    python bench/speculative.py --json --model TARGET --draft DRAFT      # a draft model instead of lookup
+
+With --draft the speculating runs use a draft model (same tokenizer) instead of prompt lookup; no
+draft numbers are recorded yet: no real target/draft pair is available offline here (bench/RESULTS.md).
 
 --forward-cost (a CUDA machine): one forward of 1 + k tokens after a 64-token prompt, offloaded as
 configured, for k = 0, 1, 2, 4, 8, 16; with the tokens per forward measured on the CPU with the real
@@ -48,8 +52,14 @@ def run_groups(args) -> list[dict]:
 
     prompts = json.loads(PROMPTS.read_text())
     budgets = Budgets(gpu=(), cpu=int(args.cpu_memory * GiB), disk=args.disk, offload_dir=Path("offload"))
-    loaded = load_model(resolve_model(args.model), budgets)
+    preset = resolve_model(args.model)
+    if args.draft:
+        preset = preset.with_draft(args.draft)
+    mode = "draft" if args.draft else "lookup"
+    loaded = load_model(preset, budgets)
     config = "RAM + disk" if "disk" in loaded.plan.bytes_per_device else "all in RAM"
+    if args.draft:
+        config += f", draft {loaded.plan.draft.model}"
     server = Server(loaded, ServingLimits())
     rows = []
     try:
@@ -63,7 +73,7 @@ def run_groups(args) -> list[dict]:
                 for _ in range(args.repeat):
                     tokens, _, seconds = answer(server, loaded.tokenizer, prompt, "off", args.max_new_tokens)
                     best_plain = min(best_plain or seconds, seconds)
-                    fast, used, seconds = answer(server, loaded.tokenizer, prompt, "lookup", args.max_new_tokens)
+                    fast, used, seconds = answer(server, loaded.tokenizer, prompt, mode, args.max_new_tokens)
                     best_spec = min(best_spec or seconds, seconds)
                     identical &= fast == tokens
                 plain_t, plain_n = plain_t + best_plain, plain_n + len(tokens)
@@ -73,7 +83,7 @@ def run_groups(args) -> list[dict]:
                          "tokens_per_forward": round(spec_n / forwards, 2),
                          "tokens_per_s": round(spec_n / spec_t, 2), "plain_tokens_per_s": round(plain_n / plain_t, 2),
                          "speedup": round((spec_n / spec_t) / (plain_n / plain_t), 2),
-                         "identical_greedy": identical, "new_tokens": spec_n})
+                         "identical_greedy": identical, "new_tokens": spec_n, "speculation": mode})
     finally:
         server.close()
         unload(loaded)
@@ -123,6 +133,7 @@ def forward_cost(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--draft", default=None, help="a draft model (preset or path, same tokenizer) instead of lookup")
     parser.add_argument("--cpu-memory", type=float, default=4.0, help="GiB of RAM for the model")
     parser.add_argument("--disk", action="store_true", help="allow disk offload (with a small --cpu-memory)")
     parser.add_argument("--max-new-tokens", type=int, default=128)

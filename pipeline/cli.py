@@ -12,7 +12,7 @@ import sys
 import threading
 
 from .errors import ConfigError, PipelineError
-from .params import GenerationParams
+from .params import SPECULATION, GenerationParams
 from .access import API_KEY_ENV
 from .presets import ENGINES, QUANTIZATIONS, default_model, list_presets, load_app_config, offload_root, resolve_model
 
@@ -61,9 +61,13 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     gen.add_argument("--top-k", default=None)
     gen.add_argument("--repetition-penalty", default=None)
     gen.add_argument("--seed", default=None)
-    gen.add_argument("--speculate", choices=("off", "lookup", "draft"), default=None,
-                     help="prompt-lookup speculation when one chat decodes: the same reply in fewer steps "
-                          "(default: lookup; draft is not available yet)")
+    gen.add_argument("--speculate", choices=SPECULATION, default=None,
+                     help="speculation when one chat decodes, the same reply in fewer steps: prompt lookup, a draft "
+                          "model (needs one: --draft or the preset's draft:) or off (default: the preset's; draft "
+                          "when --draft attaches one)")
+    gen.add_argument("--draft", default=None, metavar="PRESET_OR_PATH",
+                     help="attach a draft model (a smaller model with the same tokenizer) for speculative decoding; "
+                          "kept whole on the GPU (in RAM without one); '' detaches the preset's draft")
     parser.add_argument("--plan-only", action="store_true", help="print the plan and exit without loading weights")
     parser.add_argument("--json", action="store_true", help="with --plan-only: print the plan as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
@@ -127,6 +131,10 @@ def _run(args: argparse.Namespace, defaults: dict) -> int:
     if args.remote:
         return _run_remote(args)
     preset = resolve_model(args.model)
+    preset = preset if args.draft is None else preset.with_draft(args.draft)
+    if args.speculate == "draft" and not preset.draft:
+        raise ConfigError(f"--speculate draft needs a draft model, and {preset.display_name} has none: attach one with "
+                          "--draft PRESET_OR_PATH (a smaller model with the same tokenizer), or use --speculate lookup")
     offload_dir, hardware, gpu, cpu = _machine_and_budgets(args, defaults)
     what_if = args.plan_only and args.gpu_memory is not None and beyond_hardware(hardware, args.gpu_memory)
     if what_if:  # "would this fit on a 24 GB card, and how fast?": plan for GPUs this machine lacks
@@ -247,7 +255,7 @@ def _serve(args: argparse.Namespace, defaults: dict) -> int:
     quant = QuantSettings(mode=args.quant or "none", int8_threshold=args.int8_threshold,
                           skip_modules=args.skip_modules if args.skip_modules is not None else "lm_head")
     settings = Settings(model=args.model, gpu_gib=tuple(gpu), cpu_gib=cpu, disk=args.disk, offload_dir=str(offload_dir),
-                        disk_cap_gib=args.disk_cap, quant=quant, quant_from_preset=args.quant is None)
+                        disk_cap_gib=args.disk_cap, quant=quant, quant_from_preset=args.quant is None, draft=args.draft)
     manager = ModelManager(hardware)
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -304,6 +312,9 @@ def _plan_text(plan, engine: bool, estimate=None, what_if: bool = False) -> str:
     lines = [f"plan: {plan.summary}",
              f"dtype: {str(plan.dtype).removeprefix('torch.')} · quantization: {plan.quantization}"
              + (f" · offloaded layers run with the {offload}" if plan.offloaded else "")]
+    if plan.draft is not None:
+        lines.append(f"{plan.draft.describe()}: taken out of the "
+                     f"{'GPU' if isinstance(plan.draft.device, int) else 'CPU'} budget")
     if what_if:
         lines.append("planned for: GPUs this machine does not have (a CUDA machine's pricing); loading needs the "
                      "real hardware")

@@ -55,6 +55,7 @@ class LoadedModel:
     engine: Any = None  # the OffloadEngine running offloaded layers, or None (accelerate's hooks or none)
     moe: Any = None  # pipeline.moe.MoeInfo for a mixture-of-experts model (its experts' storage and route)
     server: Any = None  # the serving worker (pipeline.serving.Server) that alone runs the model, once started
+    draft: Any = None  # the draft model proposing tokens for speculate="draft" (plan.draft says where), or None
 
     @property
     def loaded(self) -> bool:
@@ -74,6 +75,7 @@ class Prepared:
     engine: bool = False  # run offloaded layers with the offload engine (else accelerate's hooks)
     estimate: Any = None  # pipeline.speed.Estimate: predicted decode tokens/s and time to first token
     what_if: bool = False  # planned for GPUs this machine does not have: it cannot be loaded here
+    draft: Any = None  # pipeline.draft.DraftSetup when the preset has a draft model
 
 
 ENGINE_SLOTS = 2  # GPU slots of the offload engine: one layer computes while the next one arrives
@@ -98,6 +100,13 @@ def prepare(
     quant = quant or QuantSettings(mode=preset.quantization, skip_modules=preset.int8_skip_modules)
     config = load_model_config(preset)
     dtype = resolve_dtype(preset.dtype, config, budgets.has_gpu)
+    draft = None
+    if preset.draft:  # checked (tokenizer) and priced before the target is planned: it takes its budget first
+        from .draft import load_tokenizer, plan_draft
+
+        tokenizer = load_tokenizer(preset)
+        draft = plan_draft(preset, tokenizer, budgets, _context_length(preset, config, tokenizer))
+        budgets = draft.budgets
     use_engine = uses_engine(engine, budgets) or (what_if and engine != "accelerate")
     engine_on_gpu = use_engine and budgets.has_gpu
     plan = plan_device_map(
@@ -123,7 +132,11 @@ def prepare(
             predicted = estimate(plan, speeds, engine=use_engine)
         except Exception:  # noqa: BLE001 - a prediction must never stop a plan
             logger.warning("the speed prediction failed", exc_info=True)
-    return Prepared(plan, quant, config, use_engine, predicted, what_if)
+    if draft is not None:
+        from .planning import with_draft
+
+        plan = with_draft(plan, draft.plan)
+    return Prepared(plan, quant, config, use_engine, predicted, what_if, draft)
 
 
 def load_model(
@@ -161,6 +174,8 @@ def load_model(
     source = str(preset.local_path or preset.source)
     if preset.local_path is not None:
         _check_local_checkpoint(preset.local_path, allow_pickle)
+    if prepared.draft is not None and prepared.draft.preset.local_path is not None:
+        _check_local_checkpoint(prepared.draft.preset.local_path, allow_pickle or prepared.draft.preset.allow_pickle)
     if quant.enabled:
         _check_bitsandbytes(plan)
     check_disk_space(prepared, preset, budgets, allow_pickle)
@@ -241,12 +256,28 @@ def load_model(
             ) from None
         raise LoadError(f"loading {preset.source!r} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
     context = _context_length(preset, config, tokenizer)
-    report(1.0, f"Loaded {preset.display_name}")
     loaded = LoadedModel(preset, plan, quant, model, tokenizer, context, offload_dir, time.perf_counter() - started)
     loaded.engine = offload_engine
     loaded.moe = moe_info
     if moe_info is not None:
         logger.info("%s: %s", preset.display_name, moe_info.describe())
+    if prepared.draft is not None:
+        from .draft import load_draft
+
+        report(0.96, f"Loading the draft model {prepared.draft.preset.display_name}")
+        try:
+            loaded.draft = load_draft(prepared.draft, bool(allow_pickle))
+        except BaseException as exc:
+            unload(loaded)
+            if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise LoadError(f"out of GPU memory while loading the draft model {prepared.draft.preset.display_name}; "
+                                "lower the GPU budget") from None
+            raise LoadError(f"loading the draft model {prepared.draft.preset.source!r} failed: "
+                            f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    loaded.load_seconds = time.perf_counter() - started
+    report(1.0, f"Loaded {preset.display_name}")
     return loaded
 
 
@@ -331,6 +362,7 @@ def unload(loaded: LoadedModel, reason: str = "the model was unloaded") -> None:
             loaded.server.close(reason)
             loaded.server = None
         model, loaded.model = loaded.model, None
+        loaded.draft = None
         if loaded.engine is not None:
             loaded.engine.close()  # hooks, slots, pinned buffers, the disk reader thread
             loaded.engine = None

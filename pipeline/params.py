@@ -13,7 +13,7 @@ MAX_NEW_TOKENS_LIMIT = 32768
 MAX_SEED = 2**63 - 1
 MIN_TEMPERATURE = 0.01
 MIN_PENALTY = 0.01
-SPECULATION = ("off", "lookup")
+SPECULATION = ("off", "lookup", "draft")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ class GenerationParams:
     repetition_penalty: float = 1.1
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    speculate: str = "lookup"  # "lookup": prompt-lookup speculation when a chat decodes alone; "off"
+    # When a chat decodes alone: "lookup" (prompt-lookup speculation), "draft" (a draft model proposes;
+    # the loaded model needs one: a preset's `draft:` or --draft), or "off".
+    speculate: str = "lookup"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_new_tokens", _int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT))
@@ -49,8 +51,7 @@ class GenerationParams:
             raise ConfigError(f"stop={self.stop!r} is invalid: expected a list of non-empty strings")
         object.__setattr__(self, "stop", tuple(stop))
         if self.speculate not in SPECULATION:
-            hint = " (a draft model is not available yet)" if self.speculate == "draft" else ""
-            raise ConfigError(f"speculate={self.speculate!r} is not supported{hint}; accepted: {list(SPECULATION)}")
+            raise ConfigError(f"speculate={self.speculate!r} is not supported; accepted: {list(SPECULATION)}")
 
     @property
     def greedy(self) -> bool:

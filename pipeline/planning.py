@@ -53,6 +53,33 @@ class Block:
 
 
 @dataclass(frozen=True)
+class DraftPlan:
+    """A draft model for speculative decoding (pipeline.draft): kept whole on the compute device (GPU, or
+    RAM without one), its weights and its KV cache at the context length taken out of that budget."""
+
+    model: str
+    source: str
+    device: Device  # GPU index or "cpu"
+    dtype: torch.dtype
+    weight_bytes: int
+    cache_bytes: int  # one chat's KV cache at `context_length` (the draft runs for a chat decoding alone)
+    context_length: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.cache_bytes
+
+    def describe(self) -> str:
+        return (f"draft {self.model} on {device_label(self.device)} ({format_bytes(self.weight_bytes)} + "
+                f"{format_bytes(self.cache_bytes)} KV cache for {self.context_length} tokens)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "source": self.source, "device": self.device,
+                "dtype": str(self.dtype).removeprefix("torch."), "weight_bytes": self.weight_bytes,
+                "cache_bytes": self.cache_bytes, "context_length": self.context_length}
+
+
+@dataclass(frozen=True)
 class Plan:
     """Where each module goes and what it costs; the loader follows it exactly."""
 
@@ -73,6 +100,7 @@ class Plan:
     offload_gpu: int | None = None  # the GPU whose budget holds the offload slots (the last one with a budget)
     experts: str = ""  # MoE: how the fused experts are stored ("nf4", "int8", "fp4", "none"); "" for other models
     expert_cache_bytes: int = 0  # MoE: GPU budget left for the cache of routed experts of offloaded layers
+    draft: DraftPlan | None = None  # a draft model beside the target (its bytes are not in bytes_per_device)
 
     @property
     def offloaded(self) -> bool:
@@ -132,10 +160,16 @@ class Plan:
             "compressed": self.compressed,
             "experts": self.experts,
             "expert_cache_bytes": self.expert_cache_bytes,
+            "draft": self.draft.to_dict() if self.draft else None,
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def with_draft(plan: Plan, draft: DraftPlan) -> Plan:
+    """The target's plan (made with the draft's bytes taken out of its budgets) with the draft shown."""
+    return replace(plan, draft=draft, summary=f"{plan.summary} · {draft.describe()}")
 
 
 def device_label(device: Device) -> str:

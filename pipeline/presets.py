@@ -49,6 +49,7 @@ class Preset:
     allow_pickle: bool = False  # load .bin/.pt checkpoints (pickle can run code): off unless opted in
     generation: GenerationParams = field(default_factory=GenerationParams)
     description: str = ""
+    draft: str | None = None  # a preset or local path of a smaller model with the same tokenizer (speculation)
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -77,8 +78,25 @@ class Preset:
             object.__setattr__(self, key, tuple(value))
         if self.chat_template is not None and not (isinstance(self.chat_template, str) and self.chat_template.strip()):
             raise ConfigError(f"preset {self.name!r}: chat_template must be a non-empty Jinja string")
+        if self.draft is not None and not (isinstance(self.draft, str) and self.draft.strip()):
+            raise ConfigError(f"preset {self.name!r}: draft={self.draft!r} must be a preset name or a local checkpoint "
+                              "path (a smaller model with the same tokenizer)")
+        if self.generation.speculate == "draft" and not self.draft:
+            raise ConfigError(f"preset {self.name!r}: generation.speculate is 'draft' but the preset has no draft "
+                              "model; add 'draft: PRESET_OR_PATH' or choose speculate 'lookup' or 'off'")
         if not self.display_name:
             object.__setattr__(self, "display_name", self.name)
+
+    def with_draft(self, draft: str | None) -> Preset:
+        """This preset with another draft model ("" or None: none). A draft attached becomes the default
+        speculation (unless it is off); without a draft, a default of "draft" becomes "lookup"."""
+        draft = (draft or "").strip() or None
+        speculate = self.generation.speculate
+        if draft and speculate == "lookup":
+            speculate = "draft"
+        elif not draft and speculate == "draft":
+            speculate = "lookup"
+        return dataclasses.replace(self, draft=draft, generation=self.generation.replace(speculate=speculate))
 
     @property
     def gguf_path(self) -> Path:

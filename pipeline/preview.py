@@ -48,6 +48,15 @@ def plan_html(plan: Plan, budgets_text: str = "", speed_text: str = "", what_if:
             f" · {len(layers)} layer{'s' if len(layers) != 1 else ''}</span>"
         )
     notes = "".join(f'<div style="opacity:.75;font-size:.85em">{escape(n)}</div>' for n in plan.notes)
+    if plan.draft is not None:  # beside the bar, which is the target's: its bytes came out of the same budget
+        draft = plan.draft
+        notes = (f'<div class="plan-draft" data-device="{escape(str(draft.device))}" style="font-size:.85em">'
+                 f'<span style="display:inline-block;width:.8em;height:.8em;border-radius:2px;margin-right:.35em;'
+                 f'vertical-align:middle;background:repeating-linear-gradient(45deg,{_colour(draft.device)} 0 3px,'
+                 f'#fff 3px 5px)"></span><b>Draft model</b> {escape(draft.model)} on '
+                 f'{escape(device_label(draft.device))}: {format_bytes(draft.weight_bytes)} weights + '
+                 f'{format_bytes(draft.cache_bytes)} KV cache ({draft.context_length} tokens), out of its budget</div>'
+                 ) + notes
     budgets = f'<div style="opacity:.75;font-size:.85em">Budgets: {escape(budgets_text)}</div>' if budgets_text else ""
     if speed_text:
         budgets = (f'<div class="plan-speed" style="font-size:.9em;margin-top:.2em">Predicted: {escape(speed_text)}'

@@ -149,8 +149,10 @@ class _Row:
     started: float = 0.0
     processors: Any = None
     generator: torch.Generator | None = None
-    forwards: int = 1  # the prefill produced the first token
-    spec_k: int = 8  # how many tokens prompt lookup proposes next (adapts to acceptance)
+    forwards: int = 1  # the prefill produced the first token (draft-model forwards are not counted)
+    spec_k: int = 8  # how many tokens speculation proposes next (adapts to acceptance)
+    draft_cache: Any = None  # the draft model's KV cache of this chat (speculate="draft"), or None
+    draft_length: int = 0  # tokens of `tokens` in draft_cache; the draft catches up on the rest before proposing
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,8 @@ class _Close:
 class Server:
     """The one worker that runs a loaded model. Create with `Server(loaded)`; `close()` ends it.
 
-    `loaded` is a `pipeline.loading.LoadedModel` (model, tokenizer, context length, plan).
+    `loaded` is a `pipeline.loading.LoadedModel` (model, tokenizer, context length, plan, and its draft
+    model when it has one).
     """
 
     def __init__(self, loaded: Any, limits: ServingLimits | None = None) -> None:
@@ -180,6 +183,17 @@ class Server:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._position_ids = "position_ids" in params
         self._logits_to_keep = "logits_to_keep" in params
+        self.draft = getattr(loaded, "draft", None)  # a smaller model with the same tokenizer (speculate="draft")
+        if self.draft is not None:
+            params = inspect.signature(self.draft.forward).parameters
+            self._draft_cache_arg = "cache" if "cache" in params else "past_key_values"
+            self._draft_position_ids = "position_ids" in params
+            self._draft_logits_to_keep = "logits_to_keep" in params
+            self._draft_device = next(self.draft.parameters()).device
+            config = self.draft.config.get_text_config()
+            positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+            self._draft_limit = min(self.context_length, positions) if isinstance(positions, int) else self.context_length
+        self._vocab = 0  # the target's logits width, from its first forward (a draft's logits are cut or padded to it)
         self.batchable: bool | None = None  # decided from the first cache the model makes
         self._bytes_per_token: int | None = None
         self._inbox: queue.SimpleQueue[_Request | _Close] = queue.SimpleQueue()
@@ -213,6 +227,12 @@ class Server:
         room = self.context_length - len(prompt)
         if room < 1:
             raise ConfigError(f"the prompt is {len(prompt)} tokens; the context holds {self.context_length}")
+        if params.speculate == "draft" and self.draft is None:
+            preset = getattr(self.loaded, "preset", None)
+            name = getattr(preset, "display_name", "the loaded model")
+            raise ConfigError(f"speculate='draft' needs a draft model, and {name} was loaded without one: attach one "
+                              "(a smaller model with the same tokenizer) with 'draft:' in its preset or --draft "
+                              "PRESET_OR_PATH, or choose speculation 'lookup' or 'off'")
         handle = Handle(cancel or threading.Event())
         with self._lock:
             if self._closed is not None:
@@ -343,6 +363,7 @@ class Server:
     def _prefill(self, requests: list[_Request]) -> None:
         try:
             logits, cache, mask = self._prefill_forward(requests)
+            self._vocab = logits.shape[-1]
         except Exception as exc:  # noqa: BLE001 - each request is retried alone so a bad one fails alone
             if len(requests) > 1:
                 for request in requests:
@@ -393,6 +414,9 @@ class Server:
         rows = self._rows
         if len(rows) == 1 and self._speculative_step(rows[0]):
             return
+        if len(rows) > 1:  # the draft runs for a chat alone: the plan holds one chat's draft cache, not a batch's
+            for row in rows:
+                row.draft_cache = None  # alone again, the draft catches up on the whole conversation in one forward
         ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # [batch, 1]
         positions = torch.tensor([[r.length] for r in rows], dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
@@ -426,26 +450,48 @@ class Server:
             self._mask = self._mask[:, excess:]
 
     def _speculative_step(self, row: _Row) -> bool:
-        """Prompt-lookup speculation for a chat decoding alone: propose the tokens that followed the latest
-        earlier occurrence of the conversation's last n-gram, verify them all in one forward, keep the
-        longest accepted prefix plus one token of the model's own, and drop the rest from the cache.
+        """Speculation for a chat decoding alone: propose k tokens, verify them all in one forward of the
+        model, keep the longest accepted prefix plus one token of the model's own, and drop the rest from
+        the cache. Proposals come from prompt lookup (the tokens that followed the latest earlier
+        occurrence of the conversation's last n-gram) or from the draft model (k tokens decoded by it,
+        from its own cache of this chat).
 
         Acceptance is exact for greedy decoding (a proposal is kept when it is the model's choice) and
-        distribution-preserving for sampling: a proposal is a point mass, so it is kept with the model's
-        probability of it, and a rejection samples from the model's distribution without it (the
-        speculative-sampling rule). A batch of several chats takes plain steps: its forward already
-        carries every chat over the offloaded weights, and rows that accept different numbers of
-        tokens would leave the shared cache ragged. Seeded sampling decodes plainly too (its tokens must
-        not depend on what runs beside it). Returns False when no step was taken."""
+        distribution-preserving for sampling (the speculative-sampling rule, `_verify`). A batch of
+        several chats takes plain steps, with either kind of proposal: its forward already carries every
+        chat over the offloaded weights, and rows that accept different numbers of tokens would leave the
+        shared cache ragged. Seeded sampling decodes plainly too (its tokens must not depend on what runs
+        beside it). Returns False when no step was taken.
+
+        transformers' assisted generation does the same inside `generate`; it cannot be used here, where
+        the worker owns the cache and the batch, so the loop is written out. Its verification rule is the
+        one of transformers' private `_speculative_sampling`, which draws from the process-wide RNG; the
+        worker draws from each request's own generator, so `_verify` writes the rule out too."""
         params = row.request.params
-        if params.speculate != "lookup" or not self.batchable or row.request.handle.cancel_event.is_set():
+        if params.speculate == "off" or not self.batchable or row.request.handle.cancel_event.is_set():
             return False
+        drafting = params.speculate == "draft"
+        if drafting and self.draft is None:
+            return False  # (submit refuses such a request)
         if row.generator is not None and params.seed is not None:
             # A seeded sample is the same whatever runs beside it; speculation (only for a chat alone)
             # would draw its random numbers differently, so seeded sampling decodes plainly.
             return False
         room = min(params.max_new_tokens - row.generated - 1, self.context_length - row.length - 2)
-        proposal = prompt_lookup(row.tokens, min(row.spec_k, room)) if room >= 1 else []
+        if drafting:
+            room = min(room, self._draft_limit - len(row.tokens))  # the draft sees tokens + k - 1 positions
+        if room < 1:
+            return False
+        q = None  # the draft's distributions of its sampled proposals; None: point masses (or greedy)
+        try:
+            if drafting:
+                proposal, q = self._draft_proposal(row, min(row.spec_k, DRAFT_MAX_K, room))
+            else:
+                proposal = prompt_lookup(row.tokens, min(row.spec_k, room))
+        except Exception as exc:  # noqa: BLE001 - the draft's forward or sampling failed: this chat fails alone
+            self._finish_row(row, "error", error=_describe(exc))
+            self._rows, self._cache, self._mask = [], None, None
+            return True
         if not proposal:
             return False
         n = len(proposal)
@@ -454,19 +500,27 @@ class Server:
         mask = torch.cat([self._mask, self._mask.new_ones((1, n + 1))], dim=1)
         try:
             logits, cache = self._forward(ids, mask, positions, self._cache, keep=n + 1)  # [1, n+1, vocab]
-            accepted, bonus = self._verify(row, proposal, logits[0])
+            accepted, bonus = self._verify(row, proposal, logits[0], q)
         except Exception as exc:  # noqa: BLE001 - this chat's forward or sampling failed
             self._finish_row(row, "error", error=_describe(exc))
             self._rows, self._cache, self._mask = [], None, None
             return True
         self.steps += 1
         row.forwards += 1
-        row.spec_k = min(SPEC_MAX_K, row.spec_k + 2) if len(accepted) == n else max(1, row.spec_k - 1)
+        most = DRAFT_MAX_K if drafting else SPEC_MAX_K
+        row.spec_k = min(most, row.spec_k + 2) if len(accepted) == n else max(1, row.spec_k - 1)
         drop = n - len(accepted)  # rejected proposals: their cache entries go
         if drop:
             cache.crop(-drop)  # a negative count removes that many newest positions (transformers 4.x-5.x)
             mask = mask[:, : mask.shape[1] - drop]
         self._cache, self._mask = cache, mask
+        if drafting:
+            # The draft's cache holds tokens + proposal[:n-1]; it keeps the accepted ones and catches up on
+            # the rest (the last proposal when all were accepted, the bonus token) before its next proposal.
+            kept = min(len(accepted), n - 1)
+            if n - 1 - kept:
+                row.draft_cache.crop(-(n - 1 - kept))
+            row.draft_length = len(row.tokens) + kept
         row.length += 1 + len(accepted)
         now = time.perf_counter()
         for token in [*accepted, bonus]:
@@ -475,8 +529,63 @@ class Server:
                 return True
         return True
 
-    def _verify(self, row: _Row, proposal: list[int], logits: torch.Tensor) -> tuple[list[int], int]:
-        """The accepted prefix of `proposal` and the token that follows it, from logits [n+1, vocab]."""
+    def _draft_proposal(self, row: _Row, k: int) -> tuple[list[int], list[torch.Tensor] | None]:
+        """k tokens decoded by the draft model after the row's tokens, and, when sampling, the draft's
+        distribution q [vocab] of each, made with the row's own logits processors (temperature, top-k,
+        top-p, repetition penalty), as the model's p will be. Its first forward feeds every token its
+        cache has not seen (the whole conversation the first time, else the bonus token and any tokens
+        decoded in a batch meanwhile)."""
+        if row.draft_cache is None:
+            row.draft_length = 0
+        pending = row.tokens[row.draft_length:]
+        start, cache = row.draft_length, row.draft_cache
+        proposal: list[int] = []
+        dists: list[torch.Tensor] = []
+        for _ in range(k):
+            logits, cache = self._draft_forward(pending, start, cache)
+            row.draft_cache = cache
+            start += len(pending)
+            row.draft_length = start
+            scores = self._scores(row, proposal, logits)
+            if row.generator is None:
+                token = int(scores.argmax(dim=-1))
+            else:
+                q = _probabilities(scores)[0]
+                token = int(torch.multinomial(q, 1, generator=row.generator))
+                dists.append(q)
+            proposal.append(token)
+            pending = [token]
+        return proposal, (dists if row.generator is not None else None)
+
+    def _draft_forward(self, tokens: list[int], start: int, cache: Any) -> tuple[torch.Tensor, Any]:
+        """The draft's logits [1, vocab] after `tokens` (at positions start..), as float on the model's
+        device and as wide as the model's logits (cut, or padded with -inf: ids only one model has)."""
+        device = self._draft_device
+        kwargs: dict[str, Any] = {
+            "input_ids": torch.tensor([tokens], dtype=torch.long, device=device),
+            "attention_mask": torch.ones((1, start + len(tokens)), dtype=torch.long, device=device),
+            self._draft_cache_arg: cache, "use_cache": True}
+        if self._draft_position_ids:
+            kwargs["position_ids"] = torch.arange(start, start + len(tokens), device=device).unsqueeze(0)
+        if self._draft_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.draft(**kwargs)
+        logits = out.logits[:, -1, :].float().to(self.device)  # [1, draft vocab]
+        width = self._vocab or logits.shape[-1]
+        if logits.shape[-1] > width:
+            logits = logits[:, :width]
+        elif logits.shape[-1] < width:
+            logits = torch.cat([logits, logits.new_full((1, width - logits.shape[-1]), -float("inf"))], dim=-1)
+        return logits, getattr(out, self._draft_cache_arg)
+
+    def _verify(self, row: _Row, proposal: list[int], logits: torch.Tensor,
+                q: list[torch.Tensor] | None = None) -> tuple[list[int], int]:
+        """The accepted prefix of `proposal` and the token that follows it, from the model's logits [n+1, vocab].
+
+        Sampling follows the speculative-sampling rule: proposal j, drawn from q_j, is kept with
+        probability min(1, p_j/q_j); on rejection the token comes from norm(max(p_j - q_j, 0)). `q`: the
+        draft's distributions [vocab] (the same processors as p); None: point masses (prompt lookup), for
+        which the rule keeps a proposal with probability p_j and otherwise samples p_j without it."""
         accepted: list[int] = []
         for j, token in enumerate(proposal):
             scores = self._scores(row, accepted, logits[j : j + 1])
@@ -486,10 +595,14 @@ class Server:
                     return accepted, choice
             else:
                 probs = _probabilities(scores)[0]
-                if float(torch.rand((), generator=row.generator, device=probs.device)) >= float(probs[token]):
-                    residual = probs.clone()
-                    residual[token] = 0.0  # max(p - q, 0) for a point-mass proposal q
-                    if float(residual.sum()) <= 0:
+                drafted = float(q[j][token]) if q is not None else 1.0
+                if float(torch.rand((), generator=row.generator, device=probs.device)) * drafted >= float(probs[token]):
+                    if q is None:
+                        residual = probs.clone()
+                        residual[token] = 0.0  # max(p - q, 0) for a point-mass proposal q
+                    else:
+                        residual = (probs - q[j]).clamp_min(0.0)
+                    if float(residual.sum()) <= 0:  # p == q: a rejection has probability 0
                         return accepted, token
                     return accepted, int(torch.multinomial(residual / residual.sum(), 1, generator=row.generator))
             accepted.append(token)
@@ -552,6 +665,7 @@ class Server:
         return keep
 
     def _finish_row(self, row: _Row, reason: str, error: str = "") -> None:
+        row.draft_cache = None
         request = row.request
         now = time.perf_counter()
         ttft = row.first_token_at - request.submitted if row.first_token_at is not None else None
@@ -616,6 +730,7 @@ def _probabilities(scores: torch.Tensor) -> torch.Tensor:
 
 
 SPEC_MAX_K = 16  # most tokens proposed at once
+DRAFT_MAX_K = 8  # most tokens a draft model proposes at once (each costs one draft forward)
 NGRAM_MAX = 3  # prompt lookup matches the conversation's last 3, 2 or 1 tokens
 
 

@@ -56,6 +56,7 @@ class Settings:
     disk_cap_gib: float | None = None
     quant: QuantSettings = field(default_factory=QuantSettings)
     quant_from_preset: bool = False  # take the preset's default quantization instead of `quant.mode`
+    draft: str | None = None  # a draft model (preset or local path) for speculate="draft"; None: the preset's own
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ class ModelManager:
         `hardware` replaces this machine's (a plan for GPUs it does not have)."""
         hardware = hardware or self.hardware or detect_hardware(settings.offload_dir)
         preset = resolve_model(settings.model, allowed_roots=self.allowed_roots)
+        if settings.draft is not None:
+            draft = settings.draft.strip() or None
+            if draft is not None:
+                resolve_model(draft, allowed_roots=self.allowed_roots)  # a shared app's folder limits hold for drafts
+            preset = preset.with_draft(draft)
         budgets = make_budgets(
             hardware, list(settings.gpu_gib), settings.cpu_gib, settings.disk, Path(settings.offload_dir),
             settings.disk_cap_gib,
@@ -240,6 +246,8 @@ class ModelManager:
             return {"loaded": False, "status": self.status}
         plan = loaded.plan
         placement = " · ".join(f"{tier} {share * 100:.0f} %" for tier, share in plan.share().items())
+        if plan.draft is not None:
+            placement += f" · {plan.draft.describe()}"
         memory = " · ".join(
             f"{device_label(d)} {format_bytes(b)}" for d, b in plan.bytes_per_device.items()
         )

@@ -210,3 +210,38 @@ def test_the_speculation_control_reaches_the_worker_and_the_stats_show_tokens_pe
     steps = {name: float(r[-1]["metadata"]["title"].split(" tokens/step")[0].rsplit("· ", 1)[-1])
              for name, r in (("on", on), ("off", off))}
     assert steps["off"] == 1.0 and steps["on"] > 1.0, steps
+
+
+def test_draft_model_speculation_without_a_draft_is_a_clear_note_and_the_app_goes_on() -> None:
+    history = [{"role": "user", "content": "And God said"}]
+    refused = run(history, gen=(*GEN, "draft"))[-1]
+    note = refused[-1]["content"]
+    assert note.startswith(app.ERROR_MARK) and "needs a draft model" in note, note
+    assert "--draft" in note and "Traceback" not in note
+    answered = run(history, gen=(*GEN, "lookup"))[-1]
+    assert "tokens/s" in answered[-1]["metadata"]["title"]  # the loaded model still answers
+
+
+def test_the_draft_model_choice_reaches_the_worker(tmp_path: Path) -> None:
+    """A model loaded with a draft (the demo drafting for itself): "draft model" speculates (several
+    tokens per step, the same greedy reply), "off" takes one token per step; the model panel keeps the
+    draft when the same model is applied again."""
+    manager = ModelManager()
+    chat = app.ChatApp(load_app_config(), manager)
+    manager.load(Settings(model="demo", cpu_gib=1, disk=True, offload_dir=str(tmp_path), draft="demo"))
+    try:
+        verse = "And God said, Let there be light: and there was light. "
+        history = [{"role": "user", "content": verse * 3 + "And God said,"}]
+        gen = (48, 0, 0.9, 50, 1.0, -1)
+        replies = {mode: list(chat.respond(history, "", *gen, mode))[-1] for mode in ("draft", "lookup", "off")}
+        assert replies["draft"][1]["content"] == replies["off"][1]["content"] == replies["lookup"][1]["content"]
+        steps = {mode: float(r[-1]["metadata"]["title"].split(" tokens/step")[0].rsplit("· ", 1)[-1])
+                 for mode, r in replies.items()}
+        # An identical draft is always right; prompt lookup only where the reply repeats the conversation.
+        assert steps["off"] == 1.0 and steps["draft"] > steps["lookup"] + 1, steps
+        assert "draft Demo" in manager.describe()["placement"]
+        values = ["demo", "", "none", 6.0, "lm_head", "nf4", "auto", True, True, str(tmp_path), 1.0]
+        assert chat.make_settings(*values).draft == "demo"
+        assert chat.make_settings(*(["smollm2-135m-instruct"] + values[1:])).draft is None
+    finally:
+        manager.current.unload()

@@ -184,5 +184,32 @@ def test_speculation_flag_and_the_tokens_per_step_stat() -> None:
     reply = lambda out: "\n".join(out.stdout.strip().splitlines()[3:-1])  # noqa: E731 - after plan, dtype, speed
     assert reply(on) == reply(off)
     assert "· 1.0 tokens/step" in off.stdout.splitlines()[-1] and "tokens/step" in on.stdout.splitlines()[-1]
-    draft = run("--prompt", "hi", "--speculate", "draft")
-    assert draft.returncode == 2 and "a draft model is not available yet" in draft.stderr
+    refused = run("--prompt", "hi", "--speculate", "draft")
+    assert refused.returncode == 2 and "--speculate draft needs a draft model, and Demo" in refused.stderr
+    assert "--draft PRESET_OR_PATH" in refused.stderr
+    draft = run("--prompt", prompt, "--max-new-tokens", "40", "--temperature", "0", "--repetition-penalty", "1",
+                "--draft", "demo")  # a draft attached: --speculate defaults to draft
+    assert draft.returncode == 0, draft.stderr
+    assert "\n".join(draft.stdout.strip().splitlines()[4:-1]) == reply(off)  # (a plan line more: the draft)
+    steps = lambda out: float(out.stdout.splitlines()[-1].split(" tokens/step")[0].rsplit("· ", 1)[-1])  # noqa: E731
+    assert steps(draft) > steps(on) + 1, (steps(draft), steps(on))  # an identical draft is always right
+
+
+def test_plan_only_shows_the_draft_and_takes_it_out_of_the_budget() -> None:
+    alone = json.loads(run("--model", "demo", "--plan-only", "--json", "--cpu-memory", "1").stdout)
+    result = run("--model", "demo", "--draft", "demo", "--plan-only", "--json", "--cpu-memory", "1")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    draft = plan["draft"]
+    # The demo drafting for itself: its weights are the target's; its cache: keys and values x 6 layers x
+    # 4 key/value heads x 32 x 4 bytes (float32 on the CPU) x 512 tokens = 3 MiB.
+    assert draft["device"] == "cpu" and draft["weight_bytes"] == alone["bytes_per_device"]["cpu"]
+    assert draft["cache_bytes"] == 2 * 6 * 4 * 32 * 4 * 512 and draft["context_length"] == 512
+    text = run("--model", "demo", "--draft", "demo", "--plan-only", "--cpu-memory", "1").stdout
+    assert "draft Demo (bundled KJV model, 6M params) on CPU (22.0 MiB + 3.0 MiB KV cache for 512 tokens): taken " \
+           "out of the CPU budget" in text
+    tight = run("--model", "demo", "--draft", "demo", "--plan-only", "--cpu-memory", "0.03", "--disk")
+    assert tight.returncode == 0 and "disk:" in tight.stdout.splitlines()[0], tight.stdout + tight.stderr
+    assert "disk" not in run("--model", "demo", "--plan-only", "--cpu-memory", "0.03", "--disk").stdout.splitlines()[0]
+    other = run("--model", "demo", "--draft", "smollm2-135m-instruct", "--plan-only")
+    assert other.returncode == 2 and "does not share the tokenizer of 'Demo" in other.stderr, other.stderr
