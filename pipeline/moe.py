@@ -323,8 +323,12 @@ class RoutedExperts(nn.Module):
                  device: torch.device) -> torch.Tensor:
         assert self.layout is not None and self.rows is not None
         out = torch.zeros_like(hidden_states)
-        # The experts this step's tokens were routed to (transformers skips index E, a padding value).
-        hit = [e for e in torch.unique(top_k_index).tolist() if e < self.num_experts]
+        one_token = hidden_states.shape[0] == 1
+        if one_token:  # decoding: one host sync for the routed experts, no index searches (each one a sync)
+            routed = sorted((e, pos) for pos, e in enumerate(top_k_index[0].tolist()) if e < self.num_experts)
+            hit = [e for e, _ in routed]
+        else:  # the experts this step's tokens were routed to (transformers skips index E, a padding value)
+            hit = [e for e in torch.unique(top_k_index).tolist() if e < self.num_experts]
         by_k = top_k_index.t()
         whole = self._parameters.get("whole")  # route "whole": the engine (or accelerate) brought every expert
         if whole is not None and whole.device == device:
@@ -337,6 +341,14 @@ class RoutedExperts(nn.Module):
             rows = ((e, self.rows[e].to(device)) for e in hit)
         if self.route == "cpu" and self.cpu_stats is not None:
             self.cpu_stats.cpu_experts += len(hit)
+        if one_token:
+            for (expert, row), (_, pos) in zip(rows, routed):
+                # transformers' eager arithmetic for its one token: expert ids ascending, each output times
+                # its routing weight, added in the hidden states' dtype.
+                gate, up = self.layout.linear(hidden_states, row, "gate_up").chunk(2, dim=-1)
+                current = self.layout.linear(self.act_fn(gate) * up, row, "down") * top_k_weights[:, pos, None]
+                out += current.to(out.dtype)
+            return out
         for expert, row in rows:
             # Same order and arithmetic as transformers' eager experts forward.
             top_k_pos, token_idx = torch.where(by_k == expert)
