@@ -251,6 +251,10 @@ class ExpertCache:
         queue: deque[tuple[int, int, Any]] = deque()
         pending = iter(experts)
         done = False
+        # With slots to spare, the slots read in this call are released together at its end (one event);
+        # when they are scarce a slot may be needed again within the call, so each is released after use.
+        scarce = self.slots < len(experts) + ahead + 1
+        used: list[int] = []
         while True:
             while not done and len(queue) < ahead:
                 expert = next(pending, None)
@@ -261,18 +265,26 @@ class ExpertCache:
                 self.busy.add(slot)
                 queue.append((expert, slot, event))
             if not queue:
-                return
+                break
             expert, slot, event = queue.popleft()
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
             try:
                 yield expert, self.pool[slot]
             finally:
-                if self.cuda:
-                    released = torch.cuda.Event()
-                    released.record(torch.cuda.current_stream(self.device))
-                    self.released[slot] = released
-                self.busy.discard(slot)
+                if scarce:
+                    self._release([slot])
+                else:
+                    used.append(slot)
+        self._release(used)
+
+    def _release(self, slots: list[int]) -> None:
+        if slots and self.cuda:
+            released = torch.cuda.Event()
+            released.record(torch.cuda.current_stream(self.device))
+            for slot in slots:
+                self.released[slot] = released
+        self.busy.difference_update(slots)
 
 
 # --- the experts module ------------------------------------------------------------------------
