@@ -141,7 +141,9 @@ def measure(model: str, path: Path, layers: int, gpu_gib: float, stands_for: flo
     prepared = prepare(preset, budgets, quant, offload)
     loaded = load_model(preset, budgets, quant, engine=offload, prepared=prepared, expert_route=route)
     try:
-        timed_generate(loaded, 16, 2)  # warm-up
+        # Warm-up over every sequence length the measured run uses: SDPA's cuDNN backend builds a plan per new
+        # shape (3-10 ms each, host-blocking); a shorter warm-up billed that to whichever config ran first.
+        timed_generate(loaded, 16, tokens + 1)
         short = timed_generate(loaded, 16, 1)
         before = link_bytes(loaded)
         cache = loaded.moe.cache if loaded.moe else None

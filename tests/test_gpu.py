@@ -230,8 +230,10 @@ def test_moe_routes_match_the_resident_model(mode: str, tokenizer_dir: Path, tmp
     expected, expected_logits, total = greedy(whole, n=8), logits(whole), whole.plan.total_bytes
     unload(whole)
     budget = smallest_split(preset, tmp_path, total, quant, tiers=frozenset({0}) | {"cpu" if mode == "none" else "disk"})
-    for offload, route in (("engine", "gpu"), ("engine", "auto"), ("engine", "whole"), ("accelerate", "whole"),
-                           ("engine", "cpu")):
+    routes = [("engine", "gpu"), ("engine", "auto"), ("engine", "whole"), ("engine", "cpu")]
+    if mode == "none":  # with accelerate's hooks, offloaded nn.Linear layers stay 16-bit: other tokens than nf4's
+        routes.append(("accelerate", "whole"))
+    for offload, route in routes:
         split = load_model(preset, budget, quant, engine=offload, expert_route=route)
         assert 0 in split.plan.layers_per_device and {"cpu", "disk"} & set(split.plan.layers_per_device), \
             split.plan.summary
