@@ -49,6 +49,7 @@ class ReplyStats:
     seconds: float = 0.0  # whole reply, prompt processing included
     finish_reason: str = ""  # "eos", "length", "stop", "cancelled"
     forwards: int = 0  # model forwards that produced the reply (fewer than tokens with speculation)
+    experts: str = ""  # MoE with offloaded layers: the expert cache's hit rate (or CPU-computed experts) meanwhile
 
     @property
     def tokens_per_second(self) -> float:
@@ -62,6 +63,8 @@ class ReplyStats:
         )
         if self.forwards and self.new_tokens:
             text += f" · {self.new_tokens / self.forwards:.1f} tokens/step"
+        if self.experts:
+            text += f" · {self.experts}"
         if self.dropped_turns:
             text += f" · {self.dropped_turns} oldest turn(s) dropped to fit the context"
         return text
@@ -248,6 +251,8 @@ def _stream(loaded: LoadedModel, prompt: Prompt, params: GenerationParams, cance
     stats = stats if stats is not None else ReplyStats()
     stats.prompt_tokens, stats.dropped_turns = len(prompt.input_ids), prompt.dropped_turns
     text = TextStream(loaded.tokenizer, tuple(dict.fromkeys(params.stop + prompt.stop)))
+    moe = getattr(loaded, "moe", None)
+    experts_before = moe.snapshot() if moe is not None else None
     handle = server_for(loaded).submit(prompt.input_ids, params, cancel)
     try:
         for token in handle:
@@ -277,6 +282,8 @@ def _stream(loaded: LoadedModel, prompt: Prompt, params: GenerationParams, cance
             stats.finish_reason = "cancelled"
         if finished is not None:
             stats.forwards = finished.forwards
+        if moe is not None and experts_before is not None:
+            stats.experts = moe.since(experts_before)
 
 
 def chat(

@@ -598,11 +598,18 @@ class MoeInfo:
             parts.append(f"measured per expert: GPU fetch+compute {self.gpu_ms:.2f} ms, CPU {self.cpu_ms:.2f} ms")
         return "; ".join(parts)
 
-    def stats_line(self) -> str:
-        if self.route == "gpu":
-            return f"expert cache hit rate {self.stats.hit_rate:.0%}"
-        if self.route == "cpu":
-            return f"{self.stats.cpu_experts} experts computed on the CPU"
+    def snapshot(self) -> tuple[int, int, int]:
+        return self.stats.hits, self.stats.misses, self.stats.cpu_experts
+
+    def since(self, before: tuple[int, int, int]) -> str:
+        """The stats line's words for what the offloaded experts did after `before` (a snapshot): the
+        expert cache's hit rate, or how many experts the CPU computed. The cache is the model's, so
+        with several chats at once this counts theirs too."""
+        hits, misses, cpu = (now - then for now, then in zip(self.snapshot(), before))
+        if self.route == "gpu" and hits + misses:
+            return f"expert cache {hits / (hits + misses):.0%} hits ({hits + misses} routed experts)"
+        if self.route == "cpu" and cpu:
+            return f"{cpu} experts computed on the CPU"
         return ""
 
 

@@ -100,6 +100,8 @@ class Plan:
     offload_gpu: int | None = None  # the GPU whose budget holds the offload slots (the last one with a budget)
     experts: str = ""  # MoE: how the fused experts are stored ("nf4", "int8", "fp4", "none"); "" for other models
     expert_cache_bytes: int = 0  # MoE: GPU budget left for the cache of routed experts of offloaded layers
+    expert_bytes: dict[Device, int] = field(default_factory=dict)  # MoE: the experts' share of bytes_per_device
+    routed_fraction: float = 1.0  # MoE: the share of a layer's experts one token uses (top_k / experts)
     draft: DraftPlan | None = None  # a draft model beside the target (its bytes are not in bytes_per_device)
 
     @property
@@ -573,7 +575,30 @@ def plan_device_map(
         compressed=compressed and any(not isinstance(d, int) for d in device_map.values()),
         experts=expert_mode,
         expert_cache_bytes=int(cache_bytes),
+        expert_bytes=_experts_per_device(experts, device_map, expert_mode, dtype),
+        routed_fraction=_routed_fraction(config, experts),
     )
+
+
+def _experts_per_device(experts: dict[str, tuple[int, int, int]], device_map: dict[str, Device], mode: str,
+                        dtype: torch.dtype) -> dict[Device, int]:
+    per_device: dict[Device, int] = {}
+    keys = list(device_map)
+    for name, (count, intermediate, hidden) in experts.items():
+        owner = max((k for k in keys if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+        if owner is None:
+            continue
+        device = device_map[owner]
+        per_device[device] = per_device.get(device, 0) + count * expert_bytes(mode, intermediate, hidden, dtype)
+    return per_device
+
+
+def _routed_fraction(config: Any, experts: dict[str, tuple[int, int, int]]) -> float:
+    if not experts:
+        return 1.0
+    count = max(e for e, _, _ in experts.values())
+    top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    return min(1.0, top_k / count) if top_k > 0 else 1.0
 
 
 def _expert_sizes(sizes: dict[str, float], experts: dict[str, tuple[int, int, int]], mode: str,

@@ -99,15 +99,19 @@ def estimate(plan: Plan, speeds: Speeds, engine: bool, prompt_tokens: int = 512,
              ) -> Estimate:
     """Predict decode speed (one chat) and time to first token for `plan` on a machine with `speeds`."""
     kind = _kind(plan.quantization)
-    on_gpu = {d: b for d, b in plan.bytes_per_device.items() if isinstance(d, int)}
-    gpu_bytes, cpu_bytes, disk_bytes = sum(on_gpu.values()), plan.bytes_per_device.get("cpu", 0), \
-        plan.bytes_per_device.get("disk", 0)
+    # A token reads (and, offloaded, moves) only its routed experts: top_k of a MoE layer's experts, no
+    # cache hits assumed. Other weights are read whole.
+    skipped = {d: int(b * (1 - plan.routed_fraction)) for d, b in getattr(plan, "expert_bytes", {}).items()}
+    used = {d: b - skipped.get(d, 0) for d, b in plan.bytes_per_device.items()}
+    on_gpu = {d: b for d, b in used.items() if isinstance(d, int)}
+    gpu_bytes, cpu_bytes, disk_bytes = sum(on_gpu.values()), used.get("cpu", 0), used.get("disk", 0)
     layers = plan.layers_per_device
     n_gpu = sum(len(v) for d, v in layers.items() if isinstance(d, int))
     n_cpu, n_disk = len(layers.get("cpu", ())), len(layers.get("disk", ()))
-    total_bytes = gpu_bytes + cpu_bytes + disk_bytes
+    total_bytes = gpu_bytes + cpu_bytes + disk_bytes  # per token (MoE: active parameters)
     parameters = parameters or int(total_bytes / {"none": 2, "int8": 1, "4bit": 0.5}[kind])
-    disk_cached = disk_bytes <= 0.5 * speeds.ram_available  # the page cache keeps them after the first token
+    # the page cache keeps them after the first token (all of them: routed experts change from token to token)
+    disk_cached = plan.bytes_per_device.get("disk", 0) <= 0.5 * speeds.ram_available
     disk_rate = speeds.ram_copy if disk_cached else speeds.disk_read
     link, link_rate, link_bytes, cold_disk = "", 0.0, 0, 0 if disk_cached else disk_bytes
     if on_gpu:

@@ -190,3 +190,48 @@ def test_published_moe_shapes_plan_with_quantized_experts(name: str, tmp_path: P
     assert 0 < nf4.expert_cache_bytes and nf4.bytes_per_device[0] + nf4.expert_cache_bytes <= 16 * GiB
     assert {0, "cpu"} <= set(nf4.layers_per_device)
     assert nf4.to_dict()["expert_cache_bytes"] == nf4.expert_cache_bytes
+
+
+def test_the_stats_line_shows_the_expert_cache_hit_rate(moe_checkpoints, tmp_path: Path) -> None:
+    """With offloaded experts going through the cache, each reply's stats line says how the cache did
+    during it (as the app shows it under the reply)."""
+    from pipeline.chat import chat
+    from pipeline.moe import MoeInfo
+    from pipeline.params import GenerationParams
+
+    loaded = load_model(resolve_model(str(moe_checkpoints["qwen3_moe"])), cpu_budgets(tmp_path, GiB))
+    modules = experts_of(loaded.model)
+    assert chat(loaded, [{"role": "user", "content": "Hello there"}], GenerationParams(max_new_tokens=4)).stats.experts == ""
+    cache = ExpertCache(torch.device("cpu"), modules[0].layout.nbytes, 64)
+    for m in modules:
+        m.cache, m.route = cache, "gpu"
+    loaded.moe = MoeInfo(mode="none", route="gpu", cache=cache, stats=cache.stats, modules=modules)
+    before = (cache.stats.hits, cache.stats.misses)
+    reply = chat(loaded, [{"role": "user", "content": "Hello there"}], GenerationParams(max_new_tokens=6, temperature=0))
+    hits, misses = cache.stats.hits - before[0], cache.stats.misses - before[1]
+    assert misses > 0 and hits > 0
+    assert f"expert cache {hits / (hits + misses):.0%} hits ({hits + misses} routed experts)" in reply.stats.describe()
+    unload(loaded)
+
+
+def test_the_speed_estimate_counts_only_routed_experts(tmp_path: Path) -> None:
+    """A token reads and moves top_k of a MoE layer's experts: the predicted bytes per token over the
+    link are the offloaded layers' other weights plus that share of their experts."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+
+    from pipeline.planning import plan_device_map
+    from pipeline.speed import ASSUMED, estimate
+
+    model_type, sizes, _ = PUBLISHED["Mixtral-8x7B"]
+    budgets = Budgets(gpu=(16 * GiB,), cpu=512 * GiB, disk=False, offload_dir=tmp_path)
+    plan = plan_device_map(AutoConfig.for_model(model_type, **sizes), budgets, QuantSettings(mode="nf4"),
+                           torch.float16, offload_slots=2, compressed_offload=True)
+    assert plan.routed_fraction == 2 / 8
+    offloaded, experts = plan.bytes_per_device["cpu"], plan.expert_bytes["cpu"]
+    assert 0.9 * offloaded < experts < offloaded  # nearly all of an offloaded Mixtral layer is experts
+    routed = estimate(plan, ASSUMED, engine=True)
+    assert routed.link_bytes_per_token == offloaded - int(experts * 0.75)
+    whole = estimate(replace(plan, routed_fraction=1.0), ASSUMED, engine=True)
+    assert whole.link_bytes_per_token == offloaded and routed.decode_tokens_per_s > 2.5 * whole.decode_tokens_per_s
