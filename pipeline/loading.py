@@ -214,6 +214,10 @@ def load_model(
                 trust_remote_code=preset.trust_remote_code,
             )
         model.eval()
+        if bool(routed) != bool(plan.experts):
+            raise LoadError(f"{preset.display_name}: the plan priced its experts "
+                            f"{'as pipeline.moe stores them' if plan.experts else 'as transformers does'}, but the "
+                            "model was built the other way; plan again")
         if routed:
             report(0.95, "Quantizing experts" if plan.experts != "none" else "Placing experts")
             moe_info = _place_experts(model, plan, preset, source, offload_dir, expert_route, prepared.engine)

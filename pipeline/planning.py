@@ -21,7 +21,7 @@ from torch import nn
 from .budgets import Budgets, GiB
 from .errors import ConfigError, DoesNotFitError, ModelSourceError
 from .presets import Preset
-from .moe import expert_bytes, experts_param_names
+from .moe import expert_bytes, experts_param_names, has_routed_experts
 from .quantization import (
     CPU_4BIT_BLOCK_N,
     QuantSettings,
@@ -412,7 +412,9 @@ def plan_device_map(
     full = _real_buffer_sizes(model, compute_module_sizes(model, dtype=dtype))
     special = special_dtypes(model, quant)
     priced = _real_buffer_sizes(model, compute_module_sizes(model, dtype=dtype, special_dtypes=special)) if special else full
-    experts = experts_param_names(model)
+    # Only experts the loader will swap for pipeline.moe's module (transformers' own model classes) are
+    # priced its way; others (remote code, other layouts) stay as transformers loads them.
+    experts = experts_param_names(model) if not trust_remote_code and has_routed_experts(config) else {}
     expert_mode = (quant.mode if quant.enabled else "none") if experts else ""
     if experts:
         # Fused experts are stored per expert by pipeline.moe, quantized in every tier (not only on the GPU).
