@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.offload import save_random  # noqa: E402
 from pipeline.budgets import GiB, Budgets  # noqa: E402
 from pipeline.loading import load_model, prepare, unload  # noqa: E402
 from pipeline.presets import Preset  # noqa: E402
@@ -70,24 +71,13 @@ class Row:
 
 
 def build_checkpoint(name: str, layers: int, root: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     path = root / f"{name}-{layers}l"
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     shape = dict(SHAPES[name])
-    config = AutoConfig.for_model(shape.pop("model_type"), **{**shape, "num_hidden_layers": layers})
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(Path(__file__).resolve().parent.parent / "models" / "demo").save_pretrained(path)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return path
+    return save_random(AutoConfig.for_model(shape.pop("model_type"), **{**shape, "num_hidden_layers": layers}), path)
 
 
 def timed_generate(loaded, prompt_len: int, new_tokens: int) -> float:

@@ -58,13 +58,19 @@ class Row:
 
 
 def build_checkpoint(name: str, root: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = root / name
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     shape = dict(SHAPES[name])
-    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    return save_random(AutoConfig.for_model(shape.pop("model_type"), **shape), path)
+
+
+def save_random(config, path: Path) -> Path:
+    """A float16 checkpoint of `config` with random weights (made on the GPU), and the demo tokenizer."""
+    from transformers import AutoModelForCausalLM
+
     config.dtype = torch.float16
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)

@@ -609,13 +609,7 @@ def _expert_sizes(sizes: dict[str, float], experts: dict[str, tuple[int, int, in
     with its scales), and every module holding it adjusted by the difference."""
     sizes = dict(sizes)
     for name, (count, intermediate, hidden) in experts.items():
-        stored = count * expert_bytes(mode, intermediate, hidden, dtype)
-        delta = stored - sizes.get(name, 0)
-        parts = name.split(".")
-        for i in range(len(parts) + 1):
-            key = ".".join(parts[:i])
-            if key in sizes:
-                sizes[key] += delta
+        _add_to_holders(sizes, name, count * expert_bytes(mode, intermediate, hidden, dtype) - sizes.get(name, 0))
     return sizes
 
 
@@ -713,13 +707,17 @@ def _real_buffer_sizes(model: nn.Module, sizes: dict[str, float]) -> dict[str, f
     for name, buffer in model.named_buffers():
         if buffer.dtype != torch.bool:
             continue
-        extra = buffer.numel() - buffer.numel() / 8
-        parts = name.split(".")
-        for i in range(len(parts) + 1):
-            key = ".".join(parts[:i])
-            if key in sizes:
-                sizes[key] += extra
+        _add_to_holders(sizes, name, buffer.numel() - buffer.numel() / 8)
     return sizes
+
+
+def _add_to_holders(sizes: dict[str, float], name: str, delta: float) -> None:
+    """Add `delta` bytes to the size of `name` and of every module holding it (accelerate's size dict)."""
+    parts = name.split(".")
+    for i in range(len(parts) + 1):
+        key = ".".join(parts[:i])
+        if key in sizes:
+            sizes[key] += delta
 
 
 def _orphan_names(model: nn.Module) -> list[str]:
