@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.offload import save_random  # noqa: E402
+from bench.offload import save_random, timed_generate  # noqa: E402
 from pipeline.budgets import GiB, Budgets  # noqa: E402
 from pipeline.loading import load_model, prepare, unload  # noqa: E402
 from pipeline.presets import Preset  # noqa: E402
@@ -78,17 +77,6 @@ def build_checkpoint(name: str, layers: int, root: Path) -> Path:
         return path
     shape = dict(SHAPES[name])
     return save_random(AutoConfig.for_model(shape.pop("model_type"), **{**shape, "num_hidden_layers": layers}), path)
-
-
-def timed_generate(loaded, prompt_len: int, new_tokens: int) -> float:
-    ids = torch.randint(100, 20000, (1, prompt_len), generator=torch.Generator().manual_seed(0)).cuda()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def link_bytes(loaded) -> int:

@@ -26,7 +26,8 @@ import torch
 from .budgets import Budgets, free_disk
 from .moe import MoeInfo, checkpoint_folder, routed_experts, set_up_routing
 from .errors import ConfigError, DoesNotFitError, LoadError, ModelSourceError, PipelineError
-from .planning import MODEL_BUILD_LOCK, Plan, format_bytes, load_model_config, plan_device_map, resolve_dtype
+from .planning import (MODEL_BUILD_LOCK, Plan, format_bytes, load_model_config, plan_device_map, planned_device,
+                       resolve_dtype)
 from .presets import ENGINES, Preset
 from .quantization import QuantSettings
 
@@ -292,31 +293,16 @@ def _place_experts(model: Any, plan: Plan, preset: Preset, source: str, offload_
 
     tiers = {}
     for name, module in model.named_modules():
-        if isinstance(module, RoutedExperts):
-            device = _planned_device(name, plan.device_map)
-            tiers[name] = "gpu" if isinstance(device, int) else str(device)
+        if isinstance(module, RoutedExperts):  # several GPUs: each layer's experts on its own GPU
+            device = planned_device(name, plan.device_map)
+            tiers[name] = f"cuda:{device}" if isinstance(device, int) else str(device)
     compute = torch.device(plan.offload_device)
     modules = fill_experts(model, checkpoint_folder(source, preset.local_path is not None), tiers, plan.experts,
                            plan.dtype, compute, offload_dir)
-    for module in modules:  # several GPUs: each layer's experts on its own GPU
-        device = _planned_device(f"{plan.layer_prefix}.{module.layer}", plan.device_map)
-        if isinstance(device, int) and module.rows is not None and module.rows.device != torch.device("cuda", device):
-            module.rows = module.rows.to(torch.device("cuda", device))
     if route == "whole":
         make_whole(modules, compute, engine)
         return MoeInfo(mode=plan.experts, route="whole", modules=modules)
     return MoeInfo(mode=plan.experts, route="resident", modules=modules)
-
-
-def _planned_device(name: str, device_map: dict[str, Any]) -> Any:
-    """The device the plan gives module `name` (the entry for it or the closest module holding it)."""
-    best = None
-    for key, device in device_map.items():
-        if (key == "" or name == key or name.startswith(key + ".")) and (best is None or len(key) > len(best[0])):
-            best = (key, device)
-    if best is None:
-        raise KeyError(f"the plan does not place {name!r}")
-    return best[1]
 
 
 def _loader_map(plan: Plan, engine: bool, preset: Preset, allow_pickle: bool) -> dict[str, Any]:

@@ -184,11 +184,6 @@ class CacheStats:
     bytes_copied: int = 0
     cpu_experts: int = 0  # experts computed on the CPU (route "cpu")
 
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
 
 class ExpertCache:
     """Slots of one expert's bytes each on the compute device, shared by a model's offloaded MoE layers,
@@ -341,7 +336,6 @@ class RoutedExperts(nn.Module):
             hit = [e for e, _ in routed]
         else:  # the experts this step's tokens were routed to (transformers skips index E, a padding value)
             hit = [e for e in torch.unique(top_k_index).tolist() if e < self.num_experts]
-        by_k = top_k_index.t()
         whole = self._parameters.get("whole")  # route "whole": the engine (or accelerate) brought every expert
         if whole is not None and whole.device == device:
             rows: Iterator[tuple[int, torch.Tensor]] = ((e, whole[e]) for e in hit)
@@ -361,6 +355,7 @@ class RoutedExperts(nn.Module):
                 current = self.layout.linear(self.act_fn(gate) * up, row, "down") * top_k_weights[:, pos, None]
                 out += current.to(out.dtype)
             return out
+        by_k = top_k_index.t()
         for expert, row in rows:
             # Same order and arithmetic as transformers' eager experts forward.
             top_k_pos, token_idx = torch.where(by_k == expert)
@@ -471,6 +466,10 @@ class _Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         return self.where[name].get_tensor(name)
 
+    def get_expert(self, name: str, expert: int) -> torch.Tensor:
+        """One expert of a fused 3-D tensor, read alone (not the whole tensor once per expert)."""
+        return self.where[name].get_slice(name)[expert]
+
     def expert_names(self, layer_path: str) -> dict[str, dict[int, str]] | dict[str, str]:
         """Checkpoint names of one layer's experts: per expert and role ({"gate": {0: name, ...}, ...}),
         or fused 3-D tensors ({"gate_up_proj": name, "down_proj": name})."""
@@ -503,10 +502,10 @@ def fill_experts(model: nn.Module, folder: Path, tiers: dict[str, str], mode: st
                  compute_device: torch.device, offload_dir: Path | None) -> list[RoutedExperts]:
     """Read, quantize (`mode`) and place every RoutedExperts module's experts.
 
-    `tiers` maps each experts module's name to "gpu", "cpu" or "disk" (from the plan). Each expert is
-    read from the memory-mapped checkpoint, quantized on `compute_device` and written to its layer's
-    home: GPU memory, pinned RAM (when a GPU will fetch from it), or one file per layer in
-    `offload_dir`, memory-mapped back."""
+    `tiers` maps each experts module's name to its layer's place in the plan: a CUDA device ("cuda:1"),
+    "cpu" or "disk". Each expert is read from the memory-mapped checkpoint, quantized on that GPU (on
+    `compute_device` for the other tiers) and written to its layer's home: GPU memory, pinned RAM (when
+    a GPU will fetch from it), or one file per layer in `offload_dir`, memory-mapped back."""
     checkpoint = _Checkpoint(folder)
     pinned = compute_device.type == "cuda"
     modules = []
@@ -516,28 +515,34 @@ def fill_experts(model: nn.Module, folder: Path, tiers: dict[str, str], mode: st
         layer_path, index = _layer_of(name)
         module.layer = index
         layout = ExpertLayout.build(mode, module.intermediate_dim, module.hidden_dim, dtype)
-        tier = tiers.get(name, "gpu" if pinned else "cpu")
+        tier = tiers.get(name, str(compute_device) if pinned else "cpu")
         names = checkpoint.expert_names(layer_path)
-        if tier == "gpu":
-            rows = torch.empty((module.num_experts, layout.nbytes), dtype=torch.uint8, device=compute_device)
+        on_gpu = tier.startswith("cuda")
+        quantize_on = torch.device(tier) if on_gpu else compute_device
+        if on_gpu:
+            rows = torch.empty((module.num_experts, layout.nbytes), dtype=torch.uint8, device=quantize_on)
         elif tier == "cpu":
             rows = torch.empty((module.num_experts, layout.nbytes), dtype=torch.uint8, pin_memory=pinned)
         else:
             if offload_dir is None:
                 raise ValueError(f"{name} is planned on disk but there is no offload folder")
             rows = torch.empty((module.num_experts, layout.nbytes), dtype=torch.uint8)
-        staging = torch.empty(layout.nbytes, dtype=torch.uint8, device=compute_device)
+        # Quantized straight into the row where the rows live on the quantizing device, else staged there.
+        staging = None if rows.device == quantize_on else torch.empty(layout.nbytes, dtype=torch.uint8,
+                                                                      device=quantize_on)
         for expert in range(module.num_experts):
             weights = _read_expert(checkpoint, names, expert, name)
-            layout.quantize({k: v.to(compute_device) for k, v in weights.items()}, staging)
-            rows[expert].copy_(staging)
+            layout.quantize({k: v.to(quantize_on) for k, v in weights.items()},
+                            rows[expert] if staging is None else staging)
+            if staging is not None:
+                rows[expert].copy_(staging)
         if tier == "disk":
             assert offload_dir is not None
             path = Path(offload_dir) / f"experts-{index}.{mode}.bin"
             rows.numpy().tofile(path)
             rows = _map_file(path, rows.shape)
-        module.layout, module.rows, module.home = layout, rows, tier
-        module.route = "resident" if (tier == "gpu" or compute_device.type == "cpu") else "gpu"
+        module.layout, module.rows, module.home = layout, rows, "gpu" if on_gpu else tier
+        module.route = "resident" if (on_gpu or compute_device.type == "cpu") else "gpu"
         modules.append(module)
     return modules
 
@@ -560,8 +565,8 @@ def _layer_of(name: str) -> tuple[str, int]:
 
 def _read_expert(checkpoint: _Checkpoint, names: dict, expert: int, module: str) -> dict[str, torch.Tensor]:
     if "gate_up_proj" in names:
-        return {"gate_up": checkpoint.get(names["gate_up_proj"])[expert],
-                "down": checkpoint.get(names["down_proj"])[expert]}
+        return {"gate_up": checkpoint.get_expert(names["gate_up_proj"], expert),
+                "down": checkpoint.get_expert(names["down_proj"], expert)}
     try:
         gate, up, down = (checkpoint.get(names[role][expert]) for role in ("gate", "up", "down"))
     except KeyError:

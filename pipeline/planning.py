@@ -585,14 +585,21 @@ def plan_device_map(
 def _experts_per_device(experts: dict[str, tuple[int, int, int]], device_map: dict[str, Device], mode: str,
                         dtype: torch.dtype) -> dict[Device, int]:
     per_device: dict[Device, int] = {}
-    keys = list(device_map)
     for name, (count, intermediate, hidden) in experts.items():
-        owner = max((k for k in keys if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
-        if owner is None:
-            continue
-        device = device_map[owner]
+        device = planned_device(name, device_map)
         per_device[device] = per_device.get(device, 0) + count * expert_bytes(mode, intermediate, hidden, dtype)
     return per_device
+
+
+def planned_device(name: str, device_map: dict[str, Device]) -> Device:
+    """The device a plan gives module `name`: that of its entry, or of the closest module holding it."""
+    best = None
+    for key, device in device_map.items():
+        if (key == "" or name == key or name.startswith(key + ".")) and (best is None or len(key) > len(best[0])):
+            best = (key, device)
+    if best is None:
+        raise KeyError(f"the plan does not place {name!r}")
+    return best[1]
 
 
 def _routed_fraction(config: Any, experts: dict[str, tuple[int, int, int]]) -> float:

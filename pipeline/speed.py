@@ -101,7 +101,7 @@ def estimate(plan: Plan, speeds: Speeds, engine: bool, prompt_tokens: int = 512,
     kind = _kind(plan.quantization)
     # A token reads (and, offloaded, moves) only its routed experts: top_k of a MoE layer's experts, no
     # cache hits assumed. Other weights are read whole.
-    skipped = {d: int(b * (1 - plan.routed_fraction)) for d, b in getattr(plan, "expert_bytes", {}).items()}
+    skipped = {d: int(b * (1 - plan.routed_fraction)) for d, b in plan.expert_bytes.items()}
     used = {d: b - skipped.get(d, 0) for d, b in plan.bytes_per_device.items()}
     on_gpu = {d: b for d, b in used.items() if isinstance(d, int)}
     gpu_bytes, cpu_bytes, disk_bytes = sum(on_gpu.values()), used.get("cpu", 0), used.get("disk", 0)

@@ -235,3 +235,23 @@ def test_the_speed_estimate_counts_only_routed_experts(tmp_path: Path) -> None:
     assert routed.link_bytes_per_token == offloaded - int(experts * 0.75)
     whole = estimate(replace(plan, routed_fraction=1.0), ASSUMED, engine=True)
     assert whole.link_bytes_per_token == offloaded and routed.decode_tokens_per_s > 2.5 * whole.decode_tokens_per_s
+
+
+def test_a_checkpoint_with_fused_experts_is_read_per_expert(moe_checkpoints, tmp_path: Path) -> None:
+    """A checkpoint saved with transformers 5's fused 3-D expert tensors (not per-expert matrices) is
+    read one expert slice at a time and gives the same tokens."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = AutoModelForCausalLM.from_pretrained(moe_checkpoints["mixtral"], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(moe_checkpoints["mixtral"])
+    fused = tmp_path / "fused"
+    plain.config.save_pretrained(fused)
+    tokenizer.save_pretrained(fused)
+    state = {k: v.contiguous() for k, v in plain.state_dict().items()}
+    assert any(k.endswith(".experts.gate_up_proj") and v.ndim == 3 for k, v in state.items())
+    save_file(state, str(fused / "model.safetensors"))
+    loaded = load_model(resolve_model(str(fused)), cpu_budgets(tmp_path, GiB))
+    assert len(experts_of(loaded.model)) == 4
+    assert tokens(loaded.model, loaded.tokenizer) == tokens(plain, tokenizer)
+    unload(loaded)
